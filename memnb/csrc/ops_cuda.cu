@@ -3,7 +3,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 #include <type_traits>
@@ -81,7 +82,7 @@ Tensor ebw_fwd_cuda(const Tensor& values_, const Tensor& idx_, const Tensor& wei
   auto out = at::empty({T, D}, values.options());
   if (T == 0 || D == 0) return out;
   if (L == 0) return out.zero_();
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "ebw_fwd_cuda_idx", [&] {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values.scalar_type(), "ebw_fwd_cuda", [&] {
       using A = at::opmath_type<scalar_t>;
@@ -165,7 +166,7 @@ std::tuple<Tensor, Tensor> ebw_bwd_cuda(const Tensor& grad_, const Tensor& value
   if (need_dw) dw = n && D ? at::empty({T, L}, weights.options()) : at::zeros({T, L}, weights.options());
   if (need_dv && (n == 0 || D == 0)) dv = at::zeros({N, D}, values.options());
   if (n == 0 || D == 0) return {need_dv ? dv : at::empty({0}, values.options()), dw};
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   const int threads = int(std::min<int64_t>(kThreads, std::max<int64_t>(32, D)));
   AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "ebw_bwd_cuda_idx", [&] {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values.scalar_type(), "ebw_bwd_cuda", [&] {
@@ -232,7 +233,7 @@ static std::tuple<Tensor, Tensor> pool_drop_append_cuda_impl(const Tensor& pool,
   auto dest = at::from_blob(dest_h.data(), {Lyr * N}, at::kLong).to(pool.device());
   auto src = pool.contiguous();
   auto out = at::empty_like(src);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   if (Lyr * N > 0 && D > 0) {
     const int threads = int(std::min<int64_t>(kThreads, std::max<int64_t>(32, D)));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pool.scalar_type(), "pool_compact_cuda", [&] {
@@ -289,7 +290,7 @@ std::tuple<Tensor, Tensor> topk_mean_sigmoid_cuda(const Tensor& queries, const T
   const int64_t tile = std::max<int64_t>(1024, std::min<int64_t>(32768, (int64_t(64) << 20) / Q));
   auto scores = at::empty({M}, q.options());
   auto buf = at::empty({Q * std::min(tile, std::max<int64_t>(M, 1))}, q.options());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   for (int64_t s = 0; s < M; s += tile) {
     const int64_t n = std::min(tile, M - s);
     auto kt = keys.narrow(0, s, n).to(q.device(), acc, /*non_blocking=*/false, /*copy=*/false);
