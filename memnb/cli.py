@@ -17,7 +17,8 @@ NB_FOLDERS = ('experiments', 'benchmarks')
 
 def default_nbs_dir() -> Path:
     "The `nbs/` folder of the source checkout memnb is installed from."
-    return Path(__file__).resolve().parent.parent/'nbs'
+    import memnb
+    return Path(memnb.__file__).resolve().parent.parent/'nbs'
 
 def list_experiments(nbs_dir=None) -> dict:
     "Map experiment name -> notebook path for every notebook in `nbs/experiments` and `nbs/benchmarks`."
