@@ -35,4 +35,17 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'memnb.core.check_tensor': ('core.html#check_tensor', 'memnb/core.py'),
                             'memnb.core.file_sha256': ('core.html#file_sha256', 'memnb/core.py'),
                             'memnb.core.load_tensors': ('core.html#load_tensors', 'memnb/core.py'),
-                            'memnb.core.save_tensors': ('core.html#save_tensors', 'memnb/core.py')}}}
+                            'memnb.core.save_tensors': ('core.html#save_tensors', 'memnb/core.py')},
+            'memnb.widgets': { 'memnb.widgets.GPUMemoryMonitor': ('widgets.html#gpumemorymonitor', 'memnb/widgets.py'),
+                               'memnb.widgets.GPUMemoryMonitor.__init__': ('widgets.html#gpumemorymonitor.__init__', 'memnb/widgets.py'),
+                               'memnb.widgets.RetentionCurve': ('widgets.html#retentioncurve', 'memnb/widgets.py'),
+                               'memnb.widgets.RetentionCurve.__init__': ('widgets.html#retentioncurve.__init__', 'memnb/widgets.py'),
+                               'memnb.widgets._mon_phase': ('widgets.html#_mon_phase', 'memnb/widgets.py'),
+                               'memnb.widgets._mon_read': ('widgets.html#_mon_read', 'memnb/widgets.py'),
+                               'memnb.widgets._mon_redraw': ('widgets.html#_mon_redraw', 'memnb/widgets.py'),
+                               'memnb.widgets._mon_step': ('widgets.html#_mon_step', 'memnb/widgets.py'),
+                               'memnb.widgets._mon_track': ('widgets.html#_mon_track', 'memnb/widgets.py'),
+                               'memnb.widgets._retention_add': ('widgets.html#_retention_add', 'memnb/widgets.py'),
+                               'memnb.widgets._retention_reference': ('widgets.html#_retention_reference', 'memnb/widgets.py'),
+                               'memnb.widgets._retention_trace_idx': ('widgets.html#_retention_trace_idx', 'memnb/widgets.py'),
+                               'memnb.widgets.wilson_interval': ('widgets.html#wilson_interval', 'memnb/widgets.py')}}}
