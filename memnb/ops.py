@@ -173,7 +173,7 @@ def embedding_bag_wsum(values:Tensor, # [N, D] value table, fp32/fp64/bf16/fp16
     _check_index_range(op, 'idx', idx, values.shape[0], f'`values` of shape {tuple(values.shape)}')
     return torch.ops.memnb.embedding_bag_wsum(values, idx, weights, deterministic)
 
-# %% ../nbs/01_ops.ipynb #9dd42f5e
+# %% ../nbs/01_ops.ipynb #47483b30
 def pool_drop_append_ref(pool:Tensor, # [Lyr, N, D] memory pool
                          new:Tensor, # [Lyr, K, D] new memory vectors
                          drop_idx:Tensor, # [Lyr, K] slots to drop, per layer
@@ -186,7 +186,7 @@ def pool_drop_append_ref(pool:Tensor, # [Lyr, N, D] memory pool
     dropped = torch.gather(pool, 1, drop_idx.long()[..., None].expand(-1, -1, D))
     return torch.cat([survivors, new], 1), dropped
 
-# %% ../nbs/01_ops.ipynb #b4fdcb19
+# %% ../nbs/01_ops.ipynb #ef013cf4
 @torch.library.custom_op('memnb::pool_drop_append', mutates_args=())
 def _pda_op(pool:Tensor, new:Tensor, drop_idx:Tensor) -> tuple[Tensor, Tensor]:
     if backend('pool_drop_append', pool.device) != 'torch':
@@ -227,7 +227,7 @@ def _pda_inplace_op(pool:Tensor, new:Tensor, drop_idx:Tensor) -> Tensor:
 @_pda_inplace_op.register_fake
 def _(pool, new, drop_idx): return pool.new_empty(new.shape)
 
-# %% ../nbs/01_ops.ipynb #ef013cf4
+# %% ../nbs/01_ops.ipynb #e41a5210
 def _check_pool_args(op, pool, new, drop_idx):
     check_tensor(pool, 'pool', op, 3, _FLOATS); check_tensor(new, 'new', op, 3, _FLOATS)
     check_tensor(drop_idx, 'drop_idx', op, 2, _INTS)
@@ -269,7 +269,7 @@ def pool_drop_append_(pool:Tensor, # [Lyr, N, D] contiguous memory pool, updated
         raise ValueError(f"{op}: the in-place write is not differentiable; use `pool_drop_append` when `pool` or `new` requires grad")
     return torch.ops.memnb.pool_drop_append_(pool, new, drop_idx)
 
-# %% ../nbs/01_ops.ipynb #1618fb5a
+# %% ../nbs/01_ops.ipynb #b63ecb00
 def topk_mean_sigmoid_ref(queries:Tensor, # [Q, dk] query projections
                           keys:Tensor, # [M, dk] key projections (may live on the CPU while queries are on a GPU)
                           k:int, # how many entries to return
@@ -284,7 +284,7 @@ def topk_mean_sigmoid_ref(queries:Tensor, # [Q, dk] query projections
     order = torch.sort(scores, descending=True, stable=True).indices[:k] # stable: equal scores keep index order
     return scores[order].to(queries.dtype), order
 
-# %% ../nbs/01_ops.ipynb #f91688ad
+# %% ../nbs/01_ops.ipynb #3f016814
 @torch.library.custom_op('memnb::topk_mean_sigmoid', mutates_args=())
 def _topk_op(queries:Tensor, keys:Tensor, k:int) -> tuple[Tensor, Tensor]:
     if backend('topk_mean_sigmoid', queries.device) != 'torch':
