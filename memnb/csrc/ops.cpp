@@ -270,7 +270,7 @@ std::tuple<Tensor, Tensor> pool_drop_append_cpu(const Tensor& pool_, const Tenso
   auto pool = pool_.contiguous(); auto nw = nw_.contiguous();
   const int64_t Lyr = pool.size(0), N = pool.size(1), D = pool.size(2), K = drop_idx.size(1);
   auto dest = keep_map(drop_idx, Lyr, N, op);
-  auto out = at::empty_like(pool);
+  auto out = empty_huge(pool.sizes(), pool.options());  // a fresh pool-sized output: huge pages, few page faults
   auto dropped = at::empty({Lyr, K, D}, pool.options());
   const int64_t rb = D * pool.element_size();
   const char* src = static_cast<const char*>(pool.data_ptr());
