@@ -24,4 +24,14 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'memnb.core.check_tensor': ('core.html#check_tensor', 'memnb/core.py'),
                             'memnb.core.file_sha256': ('core.html#file_sha256', 'memnb/core.py'),
                             'memnb.core.load_tensors': ('core.html#load_tensors', 'memnb/core.py'),
-                            'memnb.core.save_tensors': ('core.html#save_tensors', 'memnb/core.py')}}}
+                            'memnb.core.save_tensors': ('core.html#save_tensors', 'memnb/core.py')},
+            'memnb.pkm_ops': { 'memnb.pkm_ops._': ('pkm_ops.html#_', 'memnb/pkm_ops.py'),
+                               'memnb.pkm_ops._check_pkm_args': ('pkm_ops.html#_check_pkm_args', 'memnb/pkm_ops.py'),
+                               'memnb.pkm_ops._load_pkm_extension': ('pkm_ops.html#_load_pkm_extension', 'memnb/pkm_ops.py'),
+                               'memnb.pkm_ops._pkm_backward': ('pkm_ops.html#_pkm_backward', 'memnb/pkm_ops.py'),
+                               'memnb.pkm_ops._pkm_backward_reference': ('pkm_ops.html#_pkm_backward_reference', 'memnb/pkm_ops.py'),
+                               'memnb.pkm_ops._pkm_setup': ('pkm_ops.html#_pkm_setup', 'memnb/pkm_ops.py'),
+                               'memnb.pkm_ops._topk_stable': ('pkm_ops.html#_topk_stable', 'memnb/pkm_ops.py'),
+                               'memnb.pkm_ops.pkm_retrieve': ('pkm_ops.html#pkm_retrieve', 'memnb/pkm_ops.py'),
+                               'memnb.pkm_ops.pkm_retrieve_reference': ('pkm_ops.html#pkm_retrieve_reference', 'memnb/pkm_ops.py'),
+                               'memnb.pkm_ops.pruned_pairs': ('pkm_ops.html#pruned_pairs', 'memnb/pkm_ops.py')}}}
