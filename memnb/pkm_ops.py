@@ -6,11 +6,10 @@
 __all__ = ['HAS_PKM_KERNELS', 'pruned_pairs', 'pkm_retrieve_reference', 'pkm_retrieve']
 
 # %% ../nbs/09_pkm_ops.ipynb #6e7532a9
-import os, warnings
-from pathlib import Path
 import torch
 from torch import Tensor
 from .core import check_tensor
+from .ops import load_extension
 
 # %% ../nbs/09_pkm_ops.ipynb #c8da2766
 def pruned_pairs(k:int, # final top-k
@@ -59,22 +58,11 @@ def pkm_retrieve_reference(q:Tensor, # [T, H, 2, dh] queries, two halves per hea
     return sc, slot.gather(-1, j)
 
 # %% ../nbs/09_pkm_ops.ipynb #72420a36
-_CSRC = Path(__file__).parent/'csrc' if '__file__' in globals() else Path('../memnb/csrc')
-
 def _load_pkm_extension() -> bool:
-    "JIT-compile (or reuse the cached build of) the pkm kernels; `False` with one warning if that is impossible."
+    "Register the C++ (and, on CUDA builds, CUDA) pkm kernels via `memnb.ops.load_extension`; False -> use the reference."
     if hasattr(torch.ops.memnb, 'pkm_retrieve'): return True
-    try:
-        from torch.utils.cpp_extension import load
-        cuda = torch.version.cuda is not None and torch.cuda.is_available()
-        srcs = [str(_CSRC/'pkm_retrieve.cpp')] + ([str(_CSRC/'pkm_retrieve_cuda.cu')] if cuda else [])
-        load(name='memnb_pkm' + ('_cuda' if cuda else ''), sources=srcs, extra_cflags=['-O3', '-fopenmp'],
-             extra_ldflags=['-fopenmp'], is_python_module=False, verbose=False)
-        return True
-    except Exception as e:
-        warnings.warn(f"memnb.pkm_ops: could not build the C++ kernels ({type(e).__name__}: {str(e)[:200]}); "
-                      "using the pure-PyTorch reference for memnb::pkm_retrieve")
-        return False
+    ok = load_extension('memnb_pkm', sources=['pkm_retrieve.cpp'], cuda_sources=['pkm_retrieve_cuda.cu'])
+    return ok and hasattr(torch.ops.memnb, 'pkm_retrieve')  # an older AOT `memnb._C` may lack these ops
 
 # %% ../nbs/09_pkm_ops.ipynb #ffc45f13
 def _pkm_backward_reference(grad_scores:Tensor, q:Tensor, subkeys:Tensor, idx:Tensor) -> tuple[Tensor, Tensor]:
