@@ -27,6 +27,7 @@ void check_args(const at::Tensor& q, const at::Tensor& subkeys, int64_t k) {
                     "pkm_retrieve: `q` ", q.sizes(), " and `subkeys` ", subkeys.sizes(), " disagree on H or dh");
   const int64_t n = subkeys.size(2);
   TORCH_CHECK_VALUE(k >= 1 && k <= n * n, "pkm_retrieve: need 1 <= k <= n^2 = ", n * n, ", got k = ", k);
+  TORCH_CHECK_VALUE(n <= 46340, "pkm_retrieve: slot ids must fit in int32 (n <= 46340), got n = ", n);
   TORCH_CHECK_VALUE(q.scalar_type() == subkeys.scalar_type(), "pkm_retrieve: `q` dtype ", q.scalar_type(),
                     " differs from `subkeys` dtype ", subkeys.scalar_type());
   TORCH_CHECK_VALUE(q.device() == subkeys.device(), "pkm_retrieve: `q` and `subkeys` are on different devices");
@@ -37,15 +38,73 @@ struct Cand {
   acc_t s;
   int64_t id;
 };
-// Strict total order: higher score first, then lower id. NaN scores are mapped to -inf before they get here.
+// Strict total order: higher score first, then lower id.
 template <typename acc_t>
 inline bool better(const Cand<acc_t>& a, const Cand<acc_t>& b) {
   return a.s > b.s || (a.s == b.s && a.id < b.id);
 }
 template <typename acc_t>
-inline void top_prefix(std::vector<Cand<acc_t>>& v, int64_t m) {  // sort the best m of v to the front
-  if (m < (int64_t)v.size()) std::nth_element(v.begin(), v.begin() + (m - 1), v.end(), better<acc_t>);
-  std::sort(v.begin(), v.begin() + m, better<acc_t>);
+inline std::vector<acc_t>& group_scratch(int64_t m) {
+  thread_local std::vector<acc_t> buf;
+  if ((int64_t)buf.size() < m) buf.resize(m);
+  return buf;
+}
+
+// Best `m` of v[0..len) under `better`, sorted, into out[0..m) (ids == nullptr means id = position). NaN = -inf.
+// Branch-free, so it vectorises and never mispredicts:
+//  1. a lower bound tau on the m-th best: split v into m strided groups; the m group maxima are m distinct elements,
+//     so at least m elements are >= tau = min(group maxima)  (tau sits near the 60th percentile for len = 8m);
+//  2. compact the elements >= tau (typically ~0.4 len of them), and repeat 1-2 once on the survivors;
+//  3. rank each survivor by counting the survivors that beat it (ranks are unique under the strict order) and write
+//     the ones with rank < m straight to out[rank] — already sorted.
+template <typename acc_t>
+inline void topk_row(const acc_t* v, const int32_t* ids, int64_t len, int64_t m, acc_t* bv, int32_t* bi,
+                     Cand<acc_t>* out) {
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  auto val = [&](int64_t i) { const acc_t x = v[i]; return x != x ? ninf : x; };
+  acc_t tau = ninf;
+  if (len >= 2 * m) {
+    for (int64_t g = 0; g < m; ++g) bv[g] = val(g);
+    for (int64_t base = m; base < len; base += m) {
+      const int64_t e = std::min(m, len - base);
+      for (int64_t g = 0; g < e; ++g) bv[g] = std::max(bv[g], val(base + g));
+    }
+    tau = bv[0];
+    for (int64_t g = 1; g < m; ++g) tau = std::min(tau, bv[g]);
+  }
+  int64_t c = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    const acc_t x = val(i);
+    bv[c] = x;
+    bi[c] = ids ? ids[i] : (int32_t)i;
+    c += (x >= tau);
+  }
+  if (c >= 2 * m) {  // once more on the survivors (in place: the write index never passes the read index)
+    std::vector<acc_t>& gm = group_scratch<acc_t>(m);
+    for (int64_t g = 0; g < m; ++g) gm[g] = bv[g];
+    for (int64_t base = m; base < c; base += m) {
+      const int64_t e = std::min(m, c - base);
+      for (int64_t g = 0; g < e; ++g) gm[g] = std::max(gm[g], bv[base + g]);
+    }
+    acc_t tau2 = gm[0];
+    for (int64_t g = 1; g < m; ++g) tau2 = std::min(tau2, gm[g]);
+    int64_t c2 = 0;
+    for (int64_t i = 0; i < c; ++i) {
+      const acc_t x = bv[i];
+      const int32_t xi = bi[i];
+      bv[c2] = x;
+      bi[c2] = xi;
+      c2 += (x >= tau2);
+    }
+    c = c2;
+  }
+  for (int64_t i = 0; i < c; ++i) {
+    const acc_t x = bv[i];
+    const int32_t xi = bi[i];
+    int32_t r = 0;  // int32 ids and counts: 8 lanes per AVX2 compare, same as the float scores
+    for (int64_t j = 0; j < c; ++j) r += (bv[j] > x) | ((bv[j] == x) & (bi[j] < xi));
+    if (r < m) out[r] = {x, xi};
+  }
 }
 
 // All (i, j) with i, j < kk and (i+1)(j+1) <= k: the only pairs of the two sorted top-kk lists that can reach the
@@ -80,23 +139,20 @@ std::tuple<at::Tensor, at::Tensor> pkm_retrieve_cpu(const at::Tensor& q_, const 
       auto S = at::bmm(qc, keys).contiguous();                                             // [2H, tc, n]
       const acc_t* Sp = S.data_ptr<acc_t>();
       at::parallel_for(0, tc * H, 1, [&](int64_t b, int64_t e) {
-        std::vector<Cand<acc_t>> h1(n), h2(n), cand(P);
+        std::vector<acc_t> cs(P), bv(std::max(n, P));
+        std::vector<int32_t> cid(P), bi(std::max(n, P));
+        std::vector<Cand<acc_t>> h1(kk), h2(kk), cand(k);
         for (int64_t r = b; r < e; ++r) {
           const int64_t t = r / H, h = r % H;
-          const acc_t* s1 = Sp + ((h * 2 + 0) * tc + t) * n;
-          const acc_t* s2 = Sp + ((h * 2 + 1) * tc + t) * n;
-          for (int64_t c = 0; c < n; ++c) {
-            h1[c] = {std::isnan(s1[c]) ? -std::numeric_limits<acc_t>::infinity() : s1[c], c};
-            h2[c] = {std::isnan(s2[c]) ? -std::numeric_limits<acc_t>::infinity() : s2[c], c};
-          }
-          top_prefix(h1, kk);
-          top_prefix(h2, kk);
+          topk_row<acc_t>(Sp + ((h * 2 + 0) * tc + t) * n, nullptr, n, kk, bv.data(), bi.data(), h1.data());
+          topk_row<acc_t>(Sp + ((h * 2 + 1) * tc + t) * n, nullptr, n, kk, bv.data(), bi.data(), h2.data());
           for (int64_t p = 0; p < P; ++p) {
             const auto& a = h1[pairs[p].first];
             const auto& c = h2[pairs[p].second];
-            cand[p] = {a.s + c.s, a.id * n + c.id};
+            cs[p] = a.s + c.s;
+            cid[p] = (int32_t)(a.id * n + c.id);
           }
-          top_prefix(cand, k);
+          topk_row<acc_t>(cs.data(), cid.data(), P, k, bv.data(), bi.data(), cand.data());
           scalar_t* so = sc_out + ((t0 + t) * H + h) * k;
           int64_t* io = id_out + ((t0 + t) * H + h) * k;
           for (int64_t j = 0; j < k; ++j) {
