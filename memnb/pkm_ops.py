@@ -55,7 +55,7 @@ def pkm_retrieve_reference(q:Tensor, # [T, H, 2, dh] queries, two halves per hea
     order = slot.argsort(dim=-1, stable=True)                                      # ascending slot ids, so that
     cand, slot = cand.gather(-1, order), slot.gather(-1, order)                    # stable sort -> ties to lower id
     sc, j = _topk_stable(cand, k)
-    return sc, slot.gather(-1, j)
+    return sc.contiguous(), slot.gather(-1, j)
 
 # %% ../nbs/09_pkm_ops.ipynb #72420a36
 def _load_pkm_extension() -> bool:
