@@ -301,6 +301,7 @@ def topk_mean_sigmoid(queries:Tensor, # [Q, dk] query projections of the prompt 
     check_tensor(queries, 'queries', op, 2, _FLOATS); check_tensor(keys, 'keys', op, 2, _FLOATS)
     if keys.shape[1] != queries.shape[1]:
         raise ValueError(f"{op}: `keys` shape {tuple(keys.shape)} and `queries` shape {tuple(queries.shape)} must share the last dim")
+    if queries.shape[0] == 0: raise ValueError(f"{op}: `queries` shape {tuple(queries.shape)} has no rows: the mean over queries is undefined")
     if keys.dtype != queries.dtype: raise ValueError(f"{op}: `keys` dtype {keys.dtype} must equal `queries` dtype {queries.dtype}")
     if not isinstance(k, int) or not 0 <= k <= keys.shape[0]:
         raise ValueError(f"{op}: k={k} must be an int in [0, M={keys.shape[0]}] (`keys` shape {tuple(keys.shape)})")
