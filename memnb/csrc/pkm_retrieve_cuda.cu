@@ -24,12 +24,12 @@ template <typename scalar_t, typename acc_t>
 __global__ void pkm_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ K,
                                const int* __restrict__ pairs, int64_t P, int64_t H, int64_t n, int64_t dh,
                                int64_t k, int64_t kk, scalar_t* __restrict__ out_s, int64_t* __restrict__ out_i) {
-  extern __shared__ unsigned char smem_raw[];
-  acc_t* s = reinterpret_cast<acc_t*>(smem_raw);  // [2n] half scores
-  acc_t* tv = s + 2 * n;                           // [2kk] top values per half
-  acc_t* cv = tv + 2 * kk;                         // [P] candidate scores
-  int64_t* ti = reinterpret_cast<int64_t*>(cv + P);  // [2kk] top ids per half
-  int64_t* ci = ti + 2 * kk;                         // [P] candidate slot ids
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  int64_t* ti = reinterpret_cast<int64_t*>(smem_raw);  // [2kk] top ids per half (8-byte arrays first: aligned)
+  int64_t* ci = ti + 2 * kk;                           // [P] candidate slot ids
+  acc_t* s = reinterpret_cast<acc_t*>(ci + P);         // [2n] half scores
+  acc_t* tv = s + 2 * n;                               // [2kk] top values per half
+  acc_t* cv = tv + 2 * kk;                             // [P] candidate scores
   const int64_t r = blockIdx.x, h = r % H;
   const scalar_t* qr = q + r * 2 * dh;
   for (int64_t c = threadIdx.x; c < 2 * n; c += blockDim.x) {
