@@ -233,7 +233,7 @@ std::tuple<Tensor, Tensor> ebw_bwd_cpu(const Tensor& grad_, const Tensor& values
 
 // ---------------------------------------------------------------- pool_drop_append
 // dest[l*N + n] = new position of slot n of layer l, or -1 if dropped. Validates everything before any write.
-static std::vector<int64_t> keep_map(const Tensor& drop_idx, int64_t Lyr, int64_t N, const char* op) {
+std::vector<int64_t> keep_map(const Tensor& drop_idx, int64_t Lyr, int64_t N, const char* op) {
   const int64_t K = drop_idx.size(1);
   auto d = drop_idx.to(at::kLong).contiguous();
   const int64_t* dp = d.data_ptr<int64_t>();
