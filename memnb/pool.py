@@ -139,8 +139,9 @@ def restore(self:MemoryState, snap:MemorySnapshot):
 @patch
 def to(self:MemoryState, device=None, dtype=None):
     "Move the pool (and ages, sources, LTM) to `device` / cast the pool to `dtype`, in place; returns self."
-    self.stm = self.stm.to(device=device, dtype=dtype)
-    self.ages, self.sources = self.ages.to(device), self.sources.to(device)
+    stm = self.stm.to(device=device, dtype=dtype)
+    if stm is self.stm: return self                     # nothing to do (and a snapshot may still share it)
+    self.stm, self.ages, self.sources = stm, self.ages.to(device), self.sources.to(device)
     if self.ltm is not None: self.ltm.to(device)
     self._shared = False; self.version += 1
     return self
