@@ -123,4 +123,11 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'memnb.pool.MemoryState.shape': ('pool.html#memorystate.shape', 'memnb/pool.py'),
                             'memnb.pool.MemoryState.snapshot': ('pool.html#memorystate.snapshot', 'memnb/pool.py'),
                             'memnb.pool.MemoryState.to': ('pool.html#memorystate.to', 'memnb/pool.py'),
-                            'memnb.pool.MemoryState.write': ('pool.html#memorystate.write', 'memnb/pool.py')}}}
+                            'memnb.pool.MemoryState.write': ('pool.html#memorystate.write', 'memnb/pool.py')},
+            'memnb.train': { 'memnb.train.multi_chunk_loss': ('train.html#multi_chunk_loss', 'memnb/train.py'),
+                             'memnb.train.plot_losses': ('train.html#plot_losses', 'memnb/train.py'),
+                             'memnb.train.pool_after': ('train.html#pool_after', 'memnb/train.py'),
+                             'memnb.train.prepare_for_training': ('train.html#prepare_for_training', 'memnb/train.py'),
+                             'memnb.train.revisit_loss': ('train.html#revisit_loss', 'memnb/train.py'),
+                             'memnb.train.train_memoryllm': ('train.html#train_memoryllm', 'memnb/train.py'),
+                             'memnb.train.two_chunk_loss': ('train.html#two_chunk_loss', 'memnb/train.py')}}}
