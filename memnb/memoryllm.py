@@ -81,8 +81,6 @@ class MemoryCache(DynamicCache):
     def has_prefix(self, layer_idx:int) -> bool: return self.layers[layer_idx].get_seq_length() > 0
     def get_seq_length(self, layer_idx:int=0) -> int:
         return super().get_seq_length(layer_idx) - self.prefix_lens[layer_idx]
-    def crop(self, max_length:int):
-        raise NotImplementedError("MemoryCache.crop: cropping a memory cache is not supported (assisted decoding)")
 
 # %% ../nbs/04_memoryllm.ipynb #3c505714
 class MemoryLLM(PreTrainedModel, GenerationMixin):
