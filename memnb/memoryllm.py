@@ -87,6 +87,7 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
     "MemoryLLM around a Hugging Face causal LM: per-layer memory pool, self-update `inject`, memory-prefixed `generate`."
     config_class = PretrainedConfig
     base_model_prefix = 'lm'
+    cache_prefix_kv = True  # reuse the memory K/V across calls until the memory changes (M+ turns this off: its prefix depends on the prompt)
     _supports_sdpa = True
     _supports_attention_backend = True
 
@@ -133,8 +134,8 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
         if getattr(self, 'memory', None) is None: return self
-        stm = fn(self.memory.stm)
-        self.memory.to(stm.device, stm.dtype); self._kv = None
+        probe = fn(self.memory.stm.new_empty(0))        # where `fn` sends a tensor like the pool, without converting it twice
+        self.memory.to(probe.device, probe.dtype); self._kv = None
         return self
 
 # %% ../nbs/04_memoryllm.ipynb #99deb3cb
@@ -225,7 +226,7 @@ def _weights_key(self:MemoryLLM):
 @patch
 def memory_kv(self:MemoryLLM, layer_idx:int, hidden=None):
     "The read-path K/V [1, Hkv, P, hd] of layer `layer_idx`'s prefix; cached until the memory or the weights change."
-    if torch.is_grad_enabled() and self.training:   # training: keep the graph, no cache
+    if not self.cache_prefix_kv or (torch.is_grad_enabled() and self.training):   # prompt-dependent prefix / training: no cache
         return self.prefix_kv(layer_idx, self.layer_prefix(layer_idx, hidden))
     key = self._weights_key()
     if self._kv is None or self._kv[0] != key:
@@ -404,7 +405,7 @@ def from_base(cls:MemoryLLM, base, # a LlamaForCausalLM / Qwen2ForCausalLM, or a
     lm = _load_lm(base, **({'dtype': torch_dtype} if torch_dtype is not None else {}))
     return cls(lm, num_tokens=num_tokens, num_blocks=num_blocks, **kwargs)
 
-# %% ../nbs/04_memoryllm.ipynb #024d322a
+# %% ../nbs/04_memoryllm.ipynb #f2bc3a44
 _MEMLLM_FIELDS = ('num_tokens', 'num_blocks', 'num_memory_tokens', 'add_bos_embedding', 'drop_memory_per_layer', 'add_decoder_lora', 'lora_config')
 _IGNORED_FIELDS = ('shrink_to_one_embedding', 'new_memory_embedding_fullset', 'max_length', 'max_seq_length', 'tune_special_tokens', 'special_token_ids')
 
@@ -446,7 +447,7 @@ def load_official_state_dict(self:MemoryLLM, sd:dict, # name -> tensor, official
                                   per_layer_drop=self.drop_memory_per_layer, seed=self.memory.seed)
     self._kv = None
 
-# %% ../nbs/04_memoryllm.ipynb #ebfbae6d
+# %% ../nbs/04_memoryllm.ipynb #8eb0cdae
 def _read_weights(path:Path) -> dict:
     "All tensors of a local checkpoint directory: (sharded) safetensors, else (sharded) pytorch `.bin`."
     from safetensors.torch import load_file
