@@ -18,6 +18,7 @@ from .core import check_tensor, check_same_device
 # %% ../nbs/01_ops.ipynb #aa25e99b
 CSRC = Path(memnb.__file__).parent/'csrc' # C++/CUDA sources shipped with memnb
 _loaded = {} # extension name -> True (kernels registered) / False (use the reference)
+_loaded_from = {} # extension name -> 'aot' | 'jit' | 'torch'
 
 def _forced_torch() -> bool: return os.environ.get('MEMNB_OPS_BACKEND', '').lower() == 'torch'
 
@@ -40,23 +41,24 @@ def load_extension(name:str, # extension name: the JIT cache folder under `TORCH
                   ) -> bool:
     "Register the kernels in `sources`: from the AOT `memnb._C` if current, else a JIT build; False (one warning) if neither works."
     if name in _loaded: return _loaded[name]
-    if _forced_torch(): _loaded[name] = False; return False
+    if _forced_torch(): _loaded[name], _loaded_from[name] = False, 'torch'; return False
     srcs = [Path(s) if Path(s).is_absolute() else CSRC/s for s in sources]
     if _want_cuda(): srcs += [Path(s) if Path(s).is_absolute() else CSRC/s for s in cuda_sources]
     try:
         aot = _aot_library(srcs)
-        if aot: torch.ops.load_library(aot)
+        if aot: torch.ops.load_library(aot); _loaded_from[name] = 'aot'
         else:
             from torch.utils.cpp_extension import load
             load(name=name, sources=[str(s) for s in srcs], is_python_module=False, verbose=False,
                  extra_cflags=['-O3', '-march=native', '-fopenmp', '-fno-math-errno'], extra_ldflags=['-fopenmp'],
                  extra_cuda_cflags=['-O3', '--expt-relaxed-constexpr'])
+            _loaded_from[name] = 'jit'
         _loaded[name] = True
     except Exception as e:
         msg = str(e).strip().splitlines()
         warnings.warn(f"memnb: could not build the compiled kernels `{name}` ({type(e).__name__}: {msg[0] if msg else ''}); "
                       "falling back to the pure-PyTorch reference implementation (correct, slower).", RuntimeWarning, stacklevel=2)
-        _loaded[name] = False
+        _loaded[name], _loaded_from[name] = False, 'torch'
     return _loaded[name]
 
 # %% ../nbs/01_ops.ipynb #a232bc25
@@ -171,7 +173,7 @@ def embedding_bag_wsum(values:Tensor, # [N, D] value table, fp32/fp64/bf16/fp16
     _check_index_range(op, 'idx', idx, values.shape[0], f'`values` of shape {tuple(values.shape)}')
     return torch.ops.memnb.embedding_bag_wsum(values, idx, weights, deterministic)
 
-# %% ../nbs/01_ops.ipynb #9dd42f5e
+# %% ../nbs/01_ops.ipynb #47483b30
 def pool_drop_append_ref(pool:Tensor, # [Lyr, N, D] memory pool
                          new:Tensor, # [Lyr, K, D] new memory vectors
                          drop_idx:Tensor, # [Lyr, K] slots to drop, per layer
@@ -184,7 +186,7 @@ def pool_drop_append_ref(pool:Tensor, # [Lyr, N, D] memory pool
     dropped = torch.gather(pool, 1, drop_idx.long()[..., None].expand(-1, -1, D))
     return torch.cat([survivors, new], 1), dropped
 
-# %% ../nbs/01_ops.ipynb #b4fdcb19
+# %% ../nbs/01_ops.ipynb #ef013cf4
 @torch.library.custom_op('memnb::pool_drop_append', mutates_args=())
 def _pda_op(pool:Tensor, new:Tensor, drop_idx:Tensor) -> tuple[Tensor, Tensor]:
     if backend('pool_drop_append', pool.device) != 'torch':
@@ -225,7 +227,7 @@ def _pda_inplace_op(pool:Tensor, new:Tensor, drop_idx:Tensor) -> Tensor:
 @_pda_inplace_op.register_fake
 def _(pool, new, drop_idx): return pool.new_empty(new.shape)
 
-# %% ../nbs/01_ops.ipynb #ef013cf4
+# %% ../nbs/01_ops.ipynb #e41a5210
 def _check_pool_args(op, pool, new, drop_idx):
     check_tensor(pool, 'pool', op, 3, _FLOATS); check_tensor(new, 'new', op, 3, _FLOATS)
     check_tensor(drop_idx, 'drop_idx', op, 2, _INTS)
@@ -267,7 +269,7 @@ def pool_drop_append_(pool:Tensor, # [Lyr, N, D] contiguous memory pool, updated
         raise ValueError(f"{op}: the in-place write is not differentiable; use `pool_drop_append` when `pool` or `new` requires grad")
     return torch.ops.memnb.pool_drop_append_(pool, new, drop_idx)
 
-# %% ../nbs/01_ops.ipynb #1618fb5a
+# %% ../nbs/01_ops.ipynb #b63ecb00
 def topk_mean_sigmoid_ref(queries:Tensor, # [Q, dk] query projections
                           keys:Tensor, # [M, dk] key projections (may live on the CPU while queries are on a GPU)
                           k:int, # how many entries to return
@@ -282,7 +284,7 @@ def topk_mean_sigmoid_ref(queries:Tensor, # [Q, dk] query projections
     order = torch.sort(scores, descending=True, stable=True).indices[:k] # stable: equal scores keep index order
     return scores[order].to(queries.dtype), order
 
-# %% ../nbs/01_ops.ipynb #f91688ad
+# %% ../nbs/01_ops.ipynb #3f016814
 @torch.library.custom_op('memnb::topk_mean_sigmoid', mutates_args=())
 def _topk_op(queries:Tensor, keys:Tensor, k:int) -> tuple[Tensor, Tensor]:
     if backend('topk_mean_sigmoid', queries.device) != 'torch':
@@ -301,6 +303,7 @@ def topk_mean_sigmoid(queries:Tensor, # [Q, dk] query projections of the prompt 
     check_tensor(queries, 'queries', op, 2, _FLOATS); check_tensor(keys, 'keys', op, 2, _FLOATS)
     if keys.shape[1] != queries.shape[1]:
         raise ValueError(f"{op}: `keys` shape {tuple(keys.shape)} and `queries` shape {tuple(queries.shape)} must share the last dim")
+    if queries.shape[0] == 0: raise ValueError(f"{op}: `queries` shape {tuple(queries.shape)} has no rows: the mean over queries is undefined")
     if keys.dtype != queries.dtype: raise ValueError(f"{op}: `keys` dtype {keys.dtype} must equal `queries` dtype {queries.dtype}")
     if not isinstance(k, int) or not 0 <= k <= keys.shape[0]:
         raise ValueError(f"{op}: k={k} must be an int in [0, M={keys.shape[0]}] (`keys` shape {tuple(keys.shape)})")
