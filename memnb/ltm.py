@@ -233,7 +233,7 @@ def config(self:LTM) -> dict:
                 decay=self.decay, merge_every=self.merge_every)
 
 @patch
-def state_dict(self:LTM) -> dict:
+def state_tensors(self:LTM) -> dict:
     "Every LTM tensor, named like the M+ checkpoint (`ltm.{l}`, `ltm_keys.{l}`, ...), plus counters."
     sd = {'ltm_n_merged': torch.tensor(self.n_merged), 'ltm_pending': torch.tensor(self.pending)}
     for l in range(self.num_layers):
@@ -241,9 +241,15 @@ def state_dict(self:LTM) -> dict:
         sd[f'ltm_ages.{l}'] = self.ages(l); sd[f'ltm_recall_frequencies.{l}'] = self.rf(l)
     return sd
 
-# %% ../nbs/06_ltm.ipynb #11169bd5
+# %% ../nbs/06_ltm.ipynb #db7667f7
 @patch
-def load_state_dict(self:LTM, sd:dict, # tensors named as in `state_dict`
+def to(self:LTM, device=None):
+    "The LTM stays in host memory whatever the model's device (only retrieved rows travel); returns self."
+    return self
+
+# %% ../nbs/06_ltm.ipynb #22180ef3
+@patch
+def load_state_tensors(self:LTM, sd:dict, # tensors named as in `state_tensors`
                     n_merged=None, # merged rows per layer (default: every row is merged)
                    ):
     "Replace the contents with `sd`, after checking every key and shape; raises `ValueError` naming what is wrong."
@@ -251,12 +257,12 @@ def load_state_dict(self:LTM, sd:dict, # tensors named as in `state_dict`
     want = {f'{p}.{l}' for l in range(L) for p in ('ltm', 'ltm_keys', 'ltm_ages', 'ltm_recall_frequencies')}
     have = {k for k in sd if not k.startswith(('ltm_n_merged', 'ltm_pending'))}
     if want != have:
-        raise ValueError(f"LTM.load_state_dict: missing keys {sorted(want - have)}, unexpected keys {sorted(have - want)}")
+        raise ValueError(f"LTM.load_state_tensors: missing keys {sorted(want - have)}, unexpected keys {sorted(have - want)}")
     for l in range(L):
         v, k, a, r = sd[f'ltm.{l}'], sd[f'ltm_keys.{l}'], sd[f'ltm_ages.{l}'], sd[f'ltm_recall_frequencies.{l}']
         n = v.shape[0]
         if v.shape != (n, self.d) or k.shape != (n, self.dk) or a.shape != (n,) or r.shape != (n,):
-            raise ValueError(f"LTM.load_state_dict: layer {l} expected ltm [n, {self.d}], ltm_keys [n, {self.dk}], "
+            raise ValueError(f"LTM.load_state_tensors: layer {l} expected ltm [n, {self.d}], ltm_keys [n, {self.dk}], "
                              f"ltm_ages [n], ltm_recall_frequencies [n]; got {tuple(v.shape)}, {tuple(k.shape)}, "
                              f"{tuple(a.shape)}, {tuple(r.shape)}")
     if n_merged is None: n_merged = sd['ltm_n_merged'].tolist() if 'ltm_n_merged' in sd else [sd[f'ltm.{l}'].shape[0] for l in range(L)]
@@ -268,7 +274,7 @@ def load_state_dict(self:LTM, sd:dict, # tensors named as in `state_dict`
     self.n_merged = [int(x) for x in n_merged]
     self.pending = int(sd['ltm_pending']) if 'ltm_pending' in sd else 0
 
-# %% ../nbs/06_ltm.ipynb #a6054c36
+# %% ../nbs/06_ltm.ipynb #11845d7e
 class _FileCopy:
     "A snapshot copy of a value file, deleted when the snapshot is garbage-collected."
     def __init__(self, path): self.path = Path(path); weakref.finalize(self, os.unlink, str(self.path))
@@ -276,7 +282,7 @@ class _FileCopy:
 @patch
 def snapshot(self:LTM):
     "An in-memory copy of the whole state (disk values: a copy of each file), for `restore`."
-    snap = {k: v.clone() for k, v in self.state_dict().items() if not k.startswith('ltm.')}
+    snap = {k: v.clone() for k, v in self.state_tensors().items() if not k.startswith('ltm.')}
     if self.storage == 'ram': vals = [v.data.clone() for v in self.values]
     else:
         vals = []
