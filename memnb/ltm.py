@@ -6,63 +6,85 @@
 __all__ = ['POLICIES', 'Rows', 'DiskRows', 'LTM']
 
 # %% ../nbs/06_ltm.ipynb #d9b6c988
-import os, mmap, shutil, uuid, weakref
+import os, mmap, uuid, weakref
 from pathlib import Path
 import torch
 from .core import check_tensor
 
 # %% ../nbs/06_ltm.ipynb #bfc1b192
 class Rows:
-    "Rows `[n, *shape]` in a RAM buffer whose capacity doubles, so appending is amortised O(rows added)."
+    "Rows `[n, *shape]` in a RAM buffer whose capacity doubles (amortised appends), with O(1) copy-on-write snapshots."
     def __init__(self,
                  shape:tuple, # shape of one row
                  dtype:torch.dtype, # element dtype
                 ):
-        self.shape, self.dtype, self.n = tuple(shape), dtype, 0
+        self.shape, self.dtype, self.n, self.frozen = tuple(shape), dtype, 0, 0
         self.buf = torch.empty(0, *self.shape, dtype=dtype)
 
     def __len__(self): return self.n
     @property
     def data(self): return self.buf[:self.n]  # view, no copy
 
-    def _reserve(self, n):
-        if n <= self.buf.shape[0]: return
-        new = torch.empty(max(n, 2*self.buf.shape[0], 64), *self.shape, dtype=self.dtype)
-        new[:self.n] = self.buf[:self.n]; self.buf = new
+    def _fresh(self, cap, rows=0): # a private buffer holding the first `rows` rows
+        new = torch.empty(max(cap, 64), *self.shape, dtype=self.dtype)
+        new[:rows] = self.buf[:rows]; self.buf, self.frozen = new, 0
 
     def append(self, x): # [m, *shape]
         "Append rows `x` after the last row."
-        m = x.shape[0]; self._reserve(self.n + m)
+        m = x.shape[0]
+        if self.n + m > self.buf.shape[0]: self._fresh(max(self.n + m, 2*self.buf.shape[0]), self.n)
+        elif self.n < self.frozen: self._fresh(self.buf.shape[0], self.n)  # would overwrite snapshot rows
         self.buf[self.n:self.n+m] = x; self.n += m
 
     def gather(self, idx): return self.buf[:self.n][idx] # idx: [k] int64 -> [k, *shape] copy
 
     def select(self, idx, # ascending int64 row indices to keep, in order
                chunk:int=4096):
-        "Keep only rows `idx` (ascending), compacting in place in chunks (no full-size temporary)."
+        "Keep only rows `idx` (ascending): compacted in place in chunks, or into a new buffer while a snapshot holds this one."
+        src = self.buf
+        if self.frozen: self.buf, self.frozen = torch.empty_like(src), 0
         for a in range(0, len(idx), chunk):
-            part = idx[a:a+chunk]; self.buf[a:a+len(part)] = self.buf[part]  # idx[i] >= i: sources of later chunks are never overwritten
+            part = idx[a:a+chunk]; self.buf[a:a+len(part)] = src[part]  # idx[i] >= i: later chunks' sources are intact
         self.n = len(idx)
 
-    def truncate(self, n): self.n = min(self.n, n)
-    def clear(self): self.n = 0
+    def clear(self):
+        if self.frozen: self.buf, self.frozen = torch.empty(0, *self.shape, dtype=self.dtype), 0
+        self.n = 0
+
+    def snapshot(self): self.frozen = self.n; return (self.buf, self.n)
+    def restore(self, snap): self.buf, self.n = snap; self.frozen = self.n
 
 # %% ../nbs/06_ltm.ipynb #95ff4185
+class _File:
+    "An open scratch file that is closed and deleted when nothing refers to it any more."
+    def __init__(self, path):
+        self.path = Path(path); self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        weakref.finalize(self, _close_unlink, self.fd, str(self.path))
+
+def _close_unlink(fd, path, close=os.close, unlink=os.unlink): # bound now: also runs at interpreter exit
+    close(fd)
+    try: unlink(path)
+    except FileNotFoundError: pass
+
 class DiskRows:
-    "Rows `[n, d]` of `dtype` stored in a file; appends are file writes, reads map the file and copy only the rows asked for."
+    "Rows `[n, d]` of `dtype` in a scratch file: appends are file writes, reads map the file and copy only the rows asked for."
     def __init__(self,
-                 path, # the backing file (created, or truncated to empty)
+                 folder, # where the scratch files go
                  d:int, # row width
                  dtype:torch.dtype, # element dtype
+                 name:str='rows', # file name prefix
                 ):
-        self.path, self.shape, self.dtype, self.n, self.cap = Path(path), (d,), dtype, 0, 0
+        self.folder, self.name, self.shape, self.dtype = Path(folder), name, (d,), dtype
         self.rowbytes = d * torch.empty(0, dtype=dtype).element_size()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        weakref.finalize(self, os.close, self.fd)
+        self.n = self.frozen = self.cap = 0
         self._mm = self._t = None
+        self.file = self._new_file()
 
+    def _new_file(self): return _File(self.folder/f'{self.name}.{uuid.uuid4().hex[:8]}.bin')
     def __len__(self): return self.n
+    @property
+    def path(self): return self.file.path
 
     def _unmap(self):
         self._t = None
@@ -73,20 +95,28 @@ class DiskRows:
 
     def _view(self): # [cap, d] tensor over the mapped file
         if self._t is None and self.cap:
-            self._mm = mmap.mmap(self.fd, self.cap * self.rowbytes)
+            self._mm = mmap.mmap(self.file.fd, self.cap * self.rowbytes)
             self._t = torch.frombuffer(self._mm, dtype=self.dtype).view(self.cap, *self.shape)
         return self._t
 
-    def _reserve(self, n):
-        if n <= self.cap: return
-        self._unmap(); self.cap = max(n, 2*self.cap, 64)
-        os.ftruncate(self.fd, self.cap * self.rowbytes)
+    def _switch(self, rows:int): # move to a new private file holding the first `rows` rows
+        old, self.file = self.file, self._new_file(); self._unmap()
+        os.ftruncate(self.file.fd, self.cap * self.rowbytes)
+        off, size = 0, rows * self.rowbytes
+        while off < size: off += os.copy_file_range(old.fd, self.file.fd, size - off, off, off)
+        self.frozen = 0
+
+    def _write(self, x, row): # x: [m, d] written at row `row`
+        os.pwrite(self.file.fd, x.detach().to(self.dtype).contiguous().view(torch.uint8).numpy().tobytes(), row * self.rowbytes)
 
     def append(self, x): # [m, d]
         "Append rows `x` with one `pwrite` (no dirty mapped pages, so host RSS does not grow with the LTM)."
-        m = x.shape[0]; self._reserve(self.n + m)
-        raw = x.detach().to(self.dtype).contiguous().view(torch.uint8).numpy()
-        os.pwrite(self.fd, raw.tobytes(), self.n * self.rowbytes); self.n += m
+        m = x.shape[0]
+        if self.n < self.frozen: self._switch(self.n)
+        if self.n + m > self.cap:
+            self._unmap(); self.cap = max(self.n + m, 2*self.cap, 64)
+            os.ftruncate(self.file.fd, self.cap * self.rowbytes)  # growing past a snapshot's rows is harmless
+        self._write(x, self.n); self.n += m
 
     @property
     def data(self): return self._view()[:self.n] if self.n else torch.empty(0, *self.shape, dtype=self.dtype)
@@ -99,14 +129,23 @@ class DiskRows:
         return out
 
     def select(self, idx, chunk:int=4096):
-        "Keep only rows `idx` (ascending), compacting the file in place chunk by chunk."
+        "Keep only rows `idx` (ascending), compacting chunk by chunk in place, or into a new file while a snapshot holds this one."
+        src_file, src_view = self.file, self._view()
+        if self.frozen:
+            self.file, self.frozen, self._t, self._mm = self._new_file(), 0, None, None   # src mapping stays open until done
+            os.ftruncate(self.file.fd, self.cap * self.rowbytes)
         for a in range(0, len(idx), chunk):
-            rows = self.gather(idx[a:a+chunk])
-            os.pwrite(self.fd, rows.contiguous().view(torch.uint8).numpy().tobytes(), a * self.rowbytes)
-        self.n = len(idx)
+            self._write(src_view[idx[a:a+chunk]], a)
+        del src_view; self._unmap(); self.n = len(idx)
 
-    def truncate(self, n): self.n = min(self.n, n)
-    def clear(self): self.n = 0
+    def clear(self):
+        if self.frozen: self._unmap(); self.file, self.frozen, self.cap = self._new_file(), 0, 0
+        self.n = 0
+
+    def snapshot(self): self.frozen = self.n; return (self.file, self.n)
+    def restore(self, snap):
+        self._unmap(); self.file, self.n = snap; self.frozen = self.n
+        self.cap = os.fstat(self.file.fd).st_size // self.rowbytes
 
 # %% ../nbs/06_ltm.ipynb #1fe594e0
 POLICIES = ('decay', 'cap')
@@ -136,7 +175,6 @@ class LTM:
         self.policy, self.cap, self.min_keep = policy, cap, min_keep
         self.initial_rf, self.decay, self.merge_every = float(initial_rf), float(decay), merge_every
         self.storage, self.path = storage, (Path(path) if path is not None else None)
-        self._tag = uuid.uuid4().hex[:8]
         self.values = [self._new_values(l) for l in range(num_layers)]
         self._keys = [Rows((dk,), dtype) for _ in range(num_layers)]
         self._ages = [Rows((), torch.int64) for _ in range(num_layers)]
@@ -146,7 +184,7 @@ class LTM:
 
     def _new_values(self, l):
         if self.storage == 'ram': return Rows((self.d,), self.dtype)
-        return DiskRows(self.path/f'ltm_values.{l}.{self._tag}.bin', self.d, self.dtype)
+        return DiskRows(self.path, self.d, self.dtype, name=f'ltm_values.{l}')
 
 # %% ../nbs/06_ltm.ipynb #5da4b0d2
 from fastcore.basics import patch
@@ -275,40 +313,17 @@ def load_state_tensors(self:LTM, sd:dict, # tensors named as in `state_tensors`
     self.pending = int(sd['ltm_pending']) if 'ltm_pending' in sd else 0
 
 # %% ../nbs/06_ltm.ipynb #11845d7e
-class _FileCopy:
-    "A snapshot copy of a value file, deleted when the snapshot is garbage-collected."
-    def __init__(self, path): self.path = Path(path); weakref.finalize(self, os.unlink, str(self.path))
-
 @patch
 def snapshot(self:LTM):
-    "An in-memory copy of the whole state (disk values: a copy of each file), for `restore`."
-    snap = {k: v.clone() for k, v in self.state_tensors().items() if not k.startswith('ltm.')}
-    if self.storage == 'ram': vals = [v.data.clone() for v in self.values]
-    else:
-        vals = []
-        for v in self.values:
-            p = v.path.with_name(v.path.name + f'.snap-{uuid.uuid4().hex[:8]}'); shutil.copyfile(v.path, p)
-            vals.append((_FileCopy(p), len(v)))
-    return dict(tensors=snap, values=vals, n_merged=list(self.n_merged), pending=self.pending)
-
-def _copy_into(src, fd):
-    "Overwrite the file open as `fd` with the contents of `src`, kernel-side."
-    size = os.path.getsize(src); os.ftruncate(fd, size)
-    with open(src, 'rb') as f:
-        off = 0
-        while off < size: off += os.copy_file_range(f.fileno(), fd, size - off, off, off)
+    "A snapshot for `restore`: values and keys copy-on-write (O(1)), ages and recall frequencies copied (small)."
+    return dict(values=[v.snapshot() for v in self.values], keys=[k.snapshot() for k in self._keys],
+                ages=[a.data.clone() for a in self._ages], rf=[r.data.clone() for r in self._rf],
+                n_merged=list(self.n_merged), pending=self.pending)
 
 @patch
 def restore(self:LTM, snap):
     "Put back the state captured by `snapshot` (the snapshot stays valid for further restores)."
     for l in range(self.num_layers):
-        for rows, key in ((self._keys[l], f'ltm_keys.{l}'), (self._ages[l], f'ltm_ages.{l}'),
-                          (self._rf[l], f'ltm_recall_frequencies.{l}')):
-            rows.clear(); rows.append(snap['tensors'][key])
-        v = snap['values'][l]
-        if self.storage == 'ram': self.values[l].clear(); self.values[l].append(v)
-        else:
-            p, n = v; dst = self.values[l]
-            dst._unmap(); _copy_into(p.path, dst.fd)
-            dst.cap = os.fstat(dst.fd).st_size // dst.rowbytes; dst.n = n
+        self.values[l].restore(snap['values'][l]); self._keys[l].restore(snap['keys'][l])
+        for rows, t in ((self._ages[l], snap['ages'][l]), (self._rf[l], snap['rf'][l])): rows.clear(); rows.append(t)
     self.n_merged, self.pending = list(snap['n_merged']), snap['pending']
