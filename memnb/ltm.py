@@ -327,3 +327,17 @@ def restore(self:LTM, snap):
         self.values[l].restore(snap['values'][l]); self._keys[l].restore(snap['keys'][l])
         for rows, t in ((self._ages[l], snap['ages'][l]), (self._rf[l], snap['rf'][l])): rows.clear(); rows.append(t)
     self.n_merged, self.pending = list(snap['n_merged']), snap['pending']
+
+# %% ../nbs/06_ltm.ipynb #d36e6ec1
+@patch
+def cast(self:LTM, dtype:torch.dtype, # new dtype of values and keys
+         chunk:int=65536):
+    "Convert values and keys to `dtype` chunk by chunk (RAM, or new scratch files); returns self."
+    if dtype == self.dtype: return self
+    self.dtype = dtype
+    for l in range(self.num_layers):
+        for old, new in ((self.values[l], self._new_values(l)), (self._keys[l], Rows((self.dk,), dtype))):
+            for a in range(0, len(old), chunk): new.append(old.data[a:a+chunk].to(dtype))
+            if old is self.values[l]: self.values[l] = new
+            else: self._keys[l] = new
+    return self
