@@ -171,3 +171,50 @@ def forward(self:MPlus, input_ids=None, attention_mask=None, past_key_values=Non
     try: return MemoryLLM.forward(self, input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
                                   inputs_embeds=inputs_embeds, **kwargs)
     finally: self._query_mask = None
+
+# %% ../nbs/08_mplus.ipynb #4f070eed
+@patch
+def related_slots(self:MPlus, writes) -> torch.Tensor: # writes: write ids, as returned by `inject`
+    "[L, N] bool: True for STM slots that came from one of `writes` (the retriever's positive labels)."
+    return torch.isin(self.memory.sources, torch.as_tensor(list(writes), dtype=torch.long, device=self.memory.sources.device))
+
+@patch
+def slot_weights(self:MPlus, input_ids, # [B, T] target tokens
+                 attention_mask=None, # [B, T] 1 = token, 0 = padding
+                 labels=None, # passed to the forward (LM loss)
+                ) -> tuple:
+    "Read forward over `input_ids`; returns (output, w) with w[l] [B, N] = retrieval weights of layer l's STM slots per text."
+    inputs = []
+    hooks = [layer.register_forward_pre_hook(lambda mod, args: inputs.append(args[0])) for layer in self.layers]
+    try: out = self(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    finally:
+        for h in hooks: h.remove()
+    mask = attention_mask.bool() if attention_mask is not None else None
+    ws = []
+    for l, (layer, h) in enumerate(zip(self.layers, inputs)):
+        q = self.retriever.queries(l, layer.input_layernorm(h))                                      # [B, T, dk]
+        k = self.retriever.keys(l, layer.input_layernorm(self.memory.stm[l].to(h.dtype)))            # [N, dk]
+        ws.append(torch.stack([retrieval_weights(q[b] if mask is None else q[b][mask[b]], k) for b in range(q.shape[0])]))
+    return out, ws
+
+@patch
+def training_loss(self:MPlus, input_ids, # [B, T] target tokens
+                  related, # [L, N] bool: STM slots from contexts related to the target (`related_slots`)
+                  labels=None, # [B, T] LM targets (default: input_ids); -100 = ignore
+                  attention_mask=None, # [B, T] 1 = token, 0 = padding
+                  retriever_weight:float=1., # weight of the retriever loss in the sum
+                 ) -> dict:
+    "LM loss on the target read through the memory + M+ retriever loss on the STM slots: dict(loss, lm_loss, retriever_loss)."
+    if tuple(related.shape) != (self.L, self.N): raise ValueError(f"MPlus.training_loss: `related` must have shape {(self.L, self.N)}, got {tuple(related.shape)}")
+    out, ws = self.slot_weights(input_ids, attention_mask, input_ids if labels is None else labels)
+    rl = sum(retriever_loss(w[b], related[l].to(w.device)) for l, w in enumerate(ws) for b in range(w.shape[0])) / (self.L * ws[0].shape[0])
+    return dict(loss=out.loss + retriever_weight * rl, lm_loss=out.loss, retriever_loss=rl)
+
+@patch
+def param_groups(self:MPlus, lr:float, # learning rate of every trainable non-retriever parameter (LoRA, embeddings)
+                 retriever_lr:float=1e-4, # learning rate of the retriever (M+: 1e-4)
+                ) -> list:
+    "Optimizer parameter groups: trainable model parameters at `lr`, the retriever at `retriever_lr`."
+    ret = [p for p in self.retriever.parameters() if p.requires_grad]; ids = {id(p) for p in ret}
+    rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+    return [dict(params=rest, lr=lr), dict(params=ret, lr=retriever_lr)]
