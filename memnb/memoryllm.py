@@ -405,3 +405,109 @@ def from_base(cls:MemoryLLM, base, # a LlamaForCausalLM / Qwen2ForCausalLM, or a
     "A MemoryLLM with a fresh (uninitialised) memory on top of a base causal LM."
     lm = _load_lm(base, **({'dtype': torch_dtype} if torch_dtype is not None else {}))
     return cls(lm, num_tokens=num_tokens, num_blocks=num_blocks, **kwargs)
+
+# %% ../nbs/04_memoryllm.ipynb #024d322a
+_MEMLLM_FIELDS = ('num_tokens', 'num_blocks', 'num_memory_tokens', 'add_bos_embedding', 'drop_memory_per_layer', 'add_decoder_lora', 'lora_config')
+_IGNORED_FIELDS = ('shrink_to_one_embedding', 'new_memory_embedding_fullset', 'max_length', 'max_seq_length', 'tune_special_tokens', 'special_token_ids')
+
+@patch
+def official_state_dict(self:MemoryLLM) -> dict:
+    "All tensors in the official checkpoint layout: `memory`, `initialized`, embeddings, and the base model's (peft-named) keys."
+    sd = dict(memory=self.memory.stm, initialized=torch.tensor(int(self.memory.initialized), dtype=torch.uint8),
+              new_memory_positional_emb=self.new_memory_positional_emb.data)
+    if self.bos_embedding is not None: sd['bos_embedding'] = self.bos_embedding.data
+    sd.update(self.lm.state_dict())
+    return sd
+
+@patch
+def _tied_keys(self:MemoryLLM) -> set:
+    "Keys that may be absent from a file because they are tied to another (lm_head to the input embeddings)."
+    return {'lm_head.weight'} if getattr(self.lm.config, 'tie_word_embeddings', False) else set()
+
+@patch
+def load_official_state_dict(self:MemoryLLM, sd:dict, # name -> tensor, official layout
+                            ):
+    "Load an official-layout state dict; any missing/unexpected key or wrong shape raises a `ValueError` listing them, before anything changes."
+    mine = self.official_state_dict()
+    optional = self._tied_keys()
+    missing = sorted(set(mine) - set(sd) - optional); unexpected = sorted(set(sd) - set(mine))
+    def lst(ks): return ', '.join(ks[:12]) + (f' ... ({len(ks)} in all)' if len(ks) > 12 else '')
+    if missing or unexpected:
+        raise ValueError("MemoryLLM checkpoint does not match the model: "
+                         + (f"missing keys: {lst(missing)}" if missing else "") + ("; " if missing and unexpected else "")
+                         + (f"unexpected keys: {lst(unexpected)}" if unexpected else ""))
+    bad = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(mine[k].shape)}" for k in sd if k != 'initialized' and tuple(sd[k].shape) != tuple(mine[k].shape)]
+    if bad: raise ValueError("MemoryLLM checkpoint has tensors of the wrong shape: " + lst(bad))
+    with torch.no_grad():
+        lm_sd = {k: v for k, v in sd.items() if k in self.lm.state_dict()}
+        self.lm.load_state_dict(lm_sd, strict=not optional or not optional - set(sd))
+        self.new_memory_positional_emb.copy_(sd['new_memory_positional_emb'])
+        if self.bos_embedding is not None: self.bos_embedding.copy_(sd['bos_embedding'])
+        w = self.new_memory_positional_emb
+        self.memory = MemoryState(sd['memory'].to(w.device, w.dtype), initialized=bool(int(sd['initialized'])),
+                                  per_layer_drop=self.drop_memory_per_layer, seed=self.memory.seed)
+    self._kv = None
+
+# %% ../nbs/04_memoryllm.ipynb #ebfbae6d
+def _read_weights(path:Path) -> dict:
+    "All tensors of a local checkpoint directory: (sharded) safetensors, else (sharded) pytorch `.bin`."
+    from safetensors.torch import load_file
+    idx = path/'model.safetensors.index.json'
+    if idx.exists(): files = sorted({path/f for f in json.loads(idx.read_text())['weight_map'].values()})
+    elif (path/'model.safetensors').exists(): files = [path/'model.safetensors']
+    else:
+        bidx = path/'pytorch_model.bin.index.json'
+        files = sorted({path/f for f in json.loads(bidx.read_text())['weight_map'].values()}) if bidx.exists() else [path/'pytorch_model.bin']
+        if not files[0].exists(): raise ValueError(f"MemoryLLM.from_pretrained: no model.safetensors(.index.json) or pytorch_model.bin(.index.json) in {path}")
+        sd = {}
+        for f in files: sd.update(torch.load(f, map_location='cpu', weights_only=True))
+        return sd
+    sd = {}
+    for f in files: sd.update(load_file(str(f)))
+    return sd
+
+@patch(cls_method=True)
+def from_pretrained(cls:MemoryLLM, path, # a local MemoryLLM checkpoint directory (config.json + weights)
+                    dtype=None, # cast weights and memory to this dtype (default: as stored)
+                    seed:int=0, # seed of the drop generator
+                    **kwargs): # more `MemoryLLM` arguments (chunk_size, min_chunk, attn_backend)
+    "Load an official MemoryLLM checkpoint directory (7B / 8B / 8B-chat layout, or one written by `save_pretrained`)."
+    from transformers.initialization import no_init_weights
+    path = Path(path)
+    if not (path/'config.json').exists(): raise ValueError(f"MemoryLLM.from_pretrained: {path} has no config.json (only local directories are supported)")
+    cfg = json.loads((path/'config.json').read_text())
+    for f in ('num_tokens', 'num_blocks'):
+        if f not in cfg: raise ValueError(f"MemoryLLM.from_pretrained: {path}/config.json has no `{f}`: not a MemoryLLM checkpoint")
+    mem = {f: cfg.pop(f) for f in _MEMLLM_FIELDS if f in cfg}
+    for f in _IGNORED_FIELDS: cfg.pop(f, None)
+    if cfg.get('model_type') == 'memoryllm': cfg['model_type'] = 'llama'     # the 7B's MemoryLLMConfig is a Llama config
+    mt = cfg.pop('model_type', None)
+    if mt is None: raise ValueError(f"MemoryLLM.from_pretrained: {path}/config.json has no model_type")
+    hf = AutoConfig.for_model(mt, **cfg)
+    check_arch(hf)
+    sd = _read_weights(path)
+    dtype = dtype or sd['memory'].dtype if 'memory' in sd else dtype
+    with no_init_weights(): lm = AutoModelForCausalLM.from_config(hf, dtype=dtype)
+    lora = mem.get('lora_config')
+    if lora is not None: lora = {k: lora[k] for k in ('r', 'lora_alpha', 'lora_dropout', 'target_modules', 'inference_mode') if k in lora}
+    model = cls(lm.eval(), num_tokens=mem['num_tokens'], num_blocks=mem['num_blocks'],
+                add_bos_embedding=mem.get('add_bos_embedding', True), drop_memory_per_layer=mem.get('drop_memory_per_layer', False),
+                lora_config=lora, add_decoder_lora=mem.get('add_decoder_lora', False), seed=seed, **kwargs)
+    if 'num_memory_tokens' in mem: model.num_memory_tokens = mem['num_memory_tokens']
+    model.load_official_state_dict({k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in sd.items()})
+    return model.eval()
+
+@patch
+def save_pretrained(self:MemoryLLM, path, # directory to write (created; files replaced atomically)
+                    **kwargs):
+    "Write config.json + model.safetensors in the official layout, loadable by `MemoryLLM.from_pretrained`."
+    from safetensors.torch import save_file
+    path = Path(path); path.mkdir(parents=True, exist_ok=True)
+    cfg = self.lm.config.to_dict()
+    cfg.update(num_tokens=self.num_tokens, num_blocks=self.num_blocks, num_memory_tokens=getattr(self, 'num_memory_tokens', self.N),
+               add_bos_embedding=self.bos_embedding is not None, drop_memory_per_layer=self.drop_memory_per_layer,
+               add_decoder_lora=self.add_decoder_lora, lora_config=self.lora_config)
+    cfg.pop('_attn_implementation_autoset', None); cfg.pop('attn_implementation', None)
+    sd = {k: v.detach().contiguous().cpu().clone() for k, v in self.official_state_dict().items() if k not in self._tied_keys()}
+    with atomic_path(path/'model.safetensors') as tmp: save_file(sd, str(tmp), metadata={'format': 'pt'})
+    with atomic_path(path/'config.json') as tmp: tmp.write_text(json.dumps(cfg, indent=2, default=str))
