@@ -208,7 +208,14 @@ def gather(self:LTM, l:int, idx): # idx: [k] int64 row indices of layer l
         raise IndexError(f"LTM.gather: layer {l} holds {n} rows, got indices in [{int(idx.min())}, {int(idx.max())}]")
     return self.values[l].gather(idx)
 
-# %% ../nbs/06_ltm.ipynb #d8a42dd6
+# %% ../nbs/06_ltm.ipynb #f73d1a9b
+@patch
+def empty_like(self:LTM) -> LTM:
+    "A new, empty LTM with this one's shape, dtype, policy and storage."
+    c = self.config(); c['dtype'] = self.dtype
+    return LTM(**c, storage=self.storage, path=self.path)
+
+# %% ../nbs/06_ltm.ipynb #d4f4f564
 @patch
 def push(self:LTM, l:int, # layer
          values, # [m, d] hidden states dropped from layer l's STM
@@ -232,7 +239,7 @@ def advance_ages(self:LTM, n:int): # tokens written since the last call (K per i
     "Add `n` to the age of every LTM and cache entry in every layer."
     for a in self._ages: a.data.add_(n)
 
-# %% ../nbs/06_ltm.ipynb #1454dc80
+# %% ../nbs/06_ltm.ipynb #4ad791fb
 @patch
 def merge(self:LTM):
     "Move the dropped-token cache into the LTM of every layer, applying `policy`; reset the injection counter."
@@ -262,7 +269,7 @@ def step(self:LTM) -> bool:
     if self.pending >= self.merge_every: self.merge(); return True
     return False
 
-# %% ../nbs/06_ltm.ipynb #99011374
+# %% ../nbs/06_ltm.ipynb #db7667f7
 @patch
 def config(self:LTM) -> dict:
     "The constructor arguments that define this LTM's shape and policy (JSON-able)."
@@ -279,13 +286,13 @@ def state_tensors(self:LTM) -> dict:
         sd[f'ltm_ages.{l}'] = self.ages(l); sd[f'ltm_recall_frequencies.{l}'] = self.rf(l)
     return sd
 
-# %% ../nbs/06_ltm.ipynb #db7667f7
+# %% ../nbs/06_ltm.ipynb #11169bd5
 @patch
 def to(self:LTM, device=None):
     "The LTM stays in host memory whatever the model's device (only retrieved rows travel); returns self."
     return self
 
-# %% ../nbs/06_ltm.ipynb #22180ef3
+# %% ../nbs/06_ltm.ipynb #a6054c36
 @patch
 def load_state_tensors(self:LTM, sd:dict, # tensors named as in `state_tensors`
                     n_merged=None, # merged rows per layer (default: every row is merged)
@@ -312,7 +319,7 @@ def load_state_tensors(self:LTM, sd:dict, # tensors named as in `state_tensors`
     self.n_merged = [int(x) for x in n_merged]
     self.pending = int(sd['ltm_pending']) if 'ltm_pending' in sd else 0
 
-# %% ../nbs/06_ltm.ipynb #11845d7e
+# %% ../nbs/06_ltm.ipynb #cac8c834
 @patch
 def snapshot(self:LTM):
     "A snapshot for `restore`: values and keys copy-on-write (O(1)), ages and recall frequencies copied (small)."
@@ -328,7 +335,7 @@ def restore(self:LTM, snap):
         for rows, t in ((self._ages[l], snap['ages'][l]), (self._rf[l], snap['rf'][l])): rows.clear(); rows.append(t)
     self.n_merged, self.pending = list(snap['n_merged']), snap['pending']
 
-# %% ../nbs/06_ltm.ipynb #d36e6ec1
+# %% ../nbs/06_ltm.ipynb #c5e7f6dc
 @patch
 def cast(self:LTM, dtype:torch.dtype, # new dtype of values and keys
          chunk:int=65536):

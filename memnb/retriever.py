@@ -29,10 +29,11 @@ def projector(d:int, # input width (the model's hidden size)
 
 # %% ../nbs/07_retriever.ipynb #57f4c5cd
 class RetrieverLayer(nn.Module):
-    "One layer's query and key projectors."
-    def __init__(self, d:int, hidden:int=512, dk:int=256, num_layers:int=2):
+    "One layer's query and key projectors (+ M+'s optional `encoder_query_proj`)."
+    def __init__(self, d:int, hidden:int=512, dk:int=256, num_layers:int=2, encoder_proj:bool=False):
         super().__init__()
         self.query_proj, self.key_proj = projector(d, hidden, dk, num_layers), projector(d, hidden, dk, num_layers)
+        if encoder_proj: self.encoder_query_proj = projector(d, hidden, dk, num_layers)
 
 class Retriever(nn.Module):
     "M+ retriever: a `RetrieverLayer` per decoder layer."
@@ -42,10 +43,11 @@ class Retriever(nn.Module):
                  hidden:int=512, # projector hidden width (`selector_hidden_dim` in the M+ config is the *output* width)
                  dk:int=256, # key/query width
                  proj_layers:int=2, # linear layers per projector (`num_selector_layers`)
+                 encoder_proj:bool=False, # also hold `encoder_query_proj` (`add_encoder_retriever`; loaded, not used for reading)
                 ):
         super().__init__()
         self.d, self.hidden, self.dk = d, hidden, dk
-        self.layers = nn.ModuleList(RetrieverLayer(d, hidden, dk, proj_layers) for _ in range(num_layers))
+        self.layers = nn.ModuleList(RetrieverLayer(d, hidden, dk, proj_layers, encoder_proj) for _ in range(num_layers))
 
     def queries(self, l:int, x): return self.layers[l].query_proj(x.detach())  # x: [..., d] normed hidden -> [..., dk]
     def keys(self, l:int, x): return self.layers[l].key_proj(x.detach())  # x: [..., d] normed memory -> [..., dk]
