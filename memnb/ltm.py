@@ -18,8 +18,8 @@ class Rows:
                  shape:tuple, # shape of one row
                  dtype:torch.dtype, # element dtype
                 ):
-        self.shape, self.dtype, self.n, self.frozen = tuple(shape), dtype, 0, 0
-        self.buf = torch.empty(0, *self.shape, dtype=dtype)
+        self.shape, self.dtype, self.n = tuple(shape), dtype, 0
+        self.buf, self.claim = torch.empty(0, *self.shape, dtype=dtype), [0]  # claim[0]: rows of `buf` some snapshot holds
 
     def __len__(self): return self.n
     @property
@@ -27,13 +27,13 @@ class Rows:
 
     def _fresh(self, cap, rows=0): # a private buffer holding the first `rows` rows
         new = torch.empty(max(cap, 64), *self.shape, dtype=self.dtype)
-        new[:rows] = self.buf[:rows]; self.buf, self.frozen = new, 0
+        new[:rows] = self.buf[:rows]; self.buf, self.claim = new, [0]
 
     def append(self, x): # [m, *shape]
         "Append rows `x` after the last row."
         m = x.shape[0]
         if self.n + m > self.buf.shape[0]: self._fresh(max(self.n + m, 2*self.buf.shape[0]), self.n)
-        elif self.n < self.frozen: self._fresh(self.buf.shape[0], self.n)  # would overwrite snapshot rows
+        elif self.n < self.claim[0]: self._fresh(self.buf.shape[0], self.n)  # would overwrite rows a snapshot holds
         self.buf[self.n:self.n+m] = x; self.n += m
 
     def gather(self, idx): return self.buf[:self.n][idx] # idx: [k] int64 -> [k, *shape] copy
@@ -42,24 +42,24 @@ class Rows:
                chunk:int=4096):
         "Keep only rows `idx` (ascending): compacted in place in chunks, or into a new buffer while a snapshot holds this one."
         src = self.buf
-        if self.frozen: self.buf, self.frozen = torch.empty_like(src), 0
+        if self.claim[0]: self.buf, self.claim = torch.empty_like(src), [0]
         for a in range(0, len(idx), chunk):
             part = idx[a:a+chunk]; self.buf[a:a+len(part)] = src[part]  # idx[i] >= i: later chunks' sources are intact
         self.n = len(idx)
 
     def clear(self):
-        if self.frozen: self.buf, self.frozen = torch.empty(0, *self.shape, dtype=self.dtype), 0
+        if self.claim[0]: self.buf, self.claim = torch.empty(0, *self.shape, dtype=self.dtype), [0]
         self.n = 0
 
-    def snapshot(self): self.frozen = self.n; return (self.buf, self.n)
-    def restore(self, snap): self.buf, self.n = snap; self.frozen = self.n
+    def snapshot(self): self.claim[0] = max(self.claim[0], self.n); return (self.buf, self.n, self.claim)
+    def restore(self, snap): self.buf, self.n, self.claim = snap
 
 # %% ../nbs/06_ltm.ipynb #95ff4185
 class _File:
     "An open scratch file that is closed and deleted when nothing refers to it any more."
     def __init__(self, path):
         self.path = Path(path); self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd, self.claim = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644), 0
         weakref.finalize(self, _close_unlink, self.fd, str(self.path))
 
 def _close_unlink(fd, path, close=os.close, unlink=os.unlink): # bound now: also runs at interpreter exit
@@ -77,11 +77,11 @@ class DiskRows:
                 ):
         self.folder, self.name, self.shape, self.dtype = Path(folder), name, (d,), dtype
         self.rowbytes = d * torch.empty(0, dtype=dtype).element_size()
-        self.n = self.frozen = self.cap = 0
+        self.n = self.cap = 0
         self._mm = self._t = None
         self.file = self._new_file()
 
-    def _new_file(self): return _File(self.folder/f'{self.name}.{uuid.uuid4().hex[:8]}.bin')
+    def _new_file(self): return _File(self.folder/f'{self.name}.{uuid.uuid4().hex[:8]}.bin')  # `.claim`: rows a snapshot holds
     def __len__(self): return self.n
     @property
     def path(self): return self.file.path
@@ -104,7 +104,6 @@ class DiskRows:
         os.ftruncate(self.file.fd, self.cap * self.rowbytes)
         off, size = 0, rows * self.rowbytes
         while off < size: off += os.copy_file_range(old.fd, self.file.fd, size - off, off, off)
-        self.frozen = 0
 
     def _write(self, x, row): # x: [m, d] written at row `row`
         os.pwrite(self.file.fd, x.detach().to(self.dtype).contiguous().view(torch.uint8).numpy().tobytes(), row * self.rowbytes)
@@ -112,7 +111,7 @@ class DiskRows:
     def append(self, x): # [m, d]
         "Append rows `x` with one `pwrite` (no dirty mapped pages, so host RSS does not grow with the LTM)."
         m = x.shape[0]
-        if self.n < self.frozen: self._switch(self.n)
+        if self.n < self.file.claim: self._switch(self.n)
         if self.n + m > self.cap:
             self._unmap(); self.cap = max(self.n + m, 2*self.cap, 64)
             os.ftruncate(self.file.fd, self.cap * self.rowbytes)  # growing past a snapshot's rows is harmless
@@ -131,20 +130,20 @@ class DiskRows:
     def select(self, idx, chunk:int=4096):
         "Keep only rows `idx` (ascending), compacting chunk by chunk in place, or into a new file while a snapshot holds this one."
         src_file, src_view = self.file, self._view()
-        if self.frozen:
-            self.file, self.frozen, self._t, self._mm = self._new_file(), 0, None, None   # src mapping stays open until done
+        if self.file.claim:
+            self.file, self._t, self._mm = self._new_file(), None, None   # the source mapping stays open until done
             os.ftruncate(self.file.fd, self.cap * self.rowbytes)
         for a in range(0, len(idx), chunk):
             self._write(src_view[idx[a:a+chunk]], a)
         del src_view; self._unmap(); self.n = len(idx)
 
     def clear(self):
-        if self.frozen: self._unmap(); self.file, self.frozen, self.cap = self._new_file(), 0, 0
+        if self.file.claim: self._unmap(); self.file, self.cap = self._new_file(), 0
         self.n = 0
 
-    def snapshot(self): self.frozen = self.n; return (self.file, self.n)
+    def snapshot(self): self.file.claim = max(self.file.claim, self.n); return (self.file, self.n)
     def restore(self, snap):
-        self._unmap(); self.file, self.n = snap; self.frozen = self.n
+        self._unmap(); self.file, self.n = snap
         self.cap = os.fstat(self.file.fd).st_size // self.rowbytes
 
 # %% ../nbs/06_ltm.ipynb #1fe594e0

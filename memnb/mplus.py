@@ -177,7 +177,7 @@ def forward(self:MPlus, input_ids=None, attention_mask=None, past_key_values=Non
                                   inputs_embeds=inputs_embeds, **kwargs)
     finally: self._query_mask = None
 
-# %% ../nbs/08_mplus.ipynb #4f070eed
+# %% ../nbs/08_mplus.ipynb #1faba28a
 _MPLUS_FIELDS = ('num_ltm_blocks', 'ltm_initial_size', 'update_ltm_mode', 'update_ltm_frequency', 'decay_frequency',
                  'initial_rf_when_moving_stm_to_ltm', 'add_selector', 'selector_hidden_dim', 'num_selector_layers', 'selector_layers',
                  'map_from_hidden_states', 'detach_hidden_state', 'add_encoder_retriever', 'maintain_memory_keys')
@@ -211,7 +211,7 @@ def mplus_kwargs(cfg:dict, # the checkpoint's config.json
         if f in cfg: kw[f] = cfg[f]
     return kw
 
-# %% ../nbs/08_mplus.ipynb #f1c9ca2f
+# %% ../nbs/08_mplus.ipynb #71012e26
 @patch
 def official_state_dict(self:MPlus) -> dict:
     "MemoryLLM's official tensors (minus `initialized`) + retriever projectors + the LTM, in the mplus-8b layout."
@@ -244,7 +244,7 @@ def load_official_state_dict(self:MPlus, sd:dict): # name -> tensor, mplus-8b la
     self.memory.ltm = ltm
     self.clear_memory_cache()
 
-# %% ../nbs/08_mplus.ipynb #34f3e417
+# %% ../nbs/08_mplus.ipynb #e86f54da
 def _file_shape(path:Path, key:str):
     "Shape of tensor `key` in a (sharded) safetensors checkpoint directory without reading it; None if unknown."
     from safetensors import safe_open
@@ -283,7 +283,7 @@ def save_pretrained(self:MPlus, path, **kwargs):
                add_encoder_retriever=hasattr(self.retriever.layers[0], 'encoder_query_proj'), ltm_initial_size=self.ltm.size(0))
     with atomic_path(Path(path)/'config.json') as tmp: tmp.write_text(json.dumps(cfg, indent=2, default=str))
 
-# %% ../nbs/08_mplus.ipynb #fe351f2c
+# %% ../nbs/08_mplus.ipynb #e16fc05e
 @patch
 def related_slots(self:MPlus, writes) -> torch.Tensor: # writes: write ids, as returned by `inject`
     "[L, N] bool: True for STM slots that came from one of `writes` (the retriever's positive labels)."
