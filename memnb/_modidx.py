@@ -56,6 +56,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                            'memnb.ltm.DiskRows.__init__': ('ltm.html#diskrows.__init__', 'memnb/ltm.py'),
                            'memnb.ltm.DiskRows.__len__': ('ltm.html#diskrows.__len__', 'memnb/ltm.py'),
                            'memnb.ltm.DiskRows._new_file': ('ltm.html#diskrows._new_file', 'memnb/ltm.py'),
+                           'memnb.ltm.DiskRows._read': ('ltm.html#diskrows._read', 'memnb/ltm.py'),
                            'memnb.ltm.DiskRows._switch': ('ltm.html#diskrows._switch', 'memnb/ltm.py'),
                            'memnb.ltm.DiskRows._unmap': ('ltm.html#diskrows._unmap', 'memnb/ltm.py'),
                            'memnb.ltm.DiskRows._view': ('ltm.html#diskrows._view', 'memnb/ltm.py'),

@@ -120,22 +120,27 @@ class DiskRows:
     @property
     def data(self): return self._view()[:self.n] if self.n else torch.empty(0, *self.shape, dtype=self.dtype)
 
-    def gather(self, idx): # idx: [k] int64 -> [k, d] copy in RAM
-        "Copy rows `idx` out of the file; the pages read are released from this process afterwards."
-        if len(idx) == 0: return torch.empty(0, *self.shape, dtype=self.dtype)
-        out = self._view()[:self.n][idx]
-        self._mm.madvise(mmap.MADV_DONTNEED)  # shared file mapping: drops our page-table entries, data stays in the file
+    def _read(self, f, idx): # f: a `_File`; idx: [k] row indices -> [k, d]
+        out = torch.empty(len(idx), *self.shape, dtype=self.dtype)
+        rows, rb, il, i = out.view(torch.uint8).view(len(idx), self.rowbytes).numpy(), self.rowbytes, idx.tolist(), 0
+        while i < len(il):  # one preadv per run of consecutive rows (at most 1024 buffers)
+            j = i + 1
+            while j < len(il) and j - i < 1024 and il[j] == il[j - 1] + 1: j += 1
+            if os.preadv(f.fd, [rows[t] for t in range(i, j)], il[i] * rb) != (j - i) * rb:
+                raise ValueError(f"DiskRows: short read of rows {il[i]}..{il[j - 1]} from {f.path}")
+            i = j
         return out
+
+    def gather(self, idx): # idx: [k] int64 -> [k, d] copy in RAM
+        "Read rows `idx` from the file with `preadv` straight into the output (no mapping, so nothing else lands in RSS)."
+        return self._read(self.file, idx)
 
     def select(self, idx, chunk:int=4096):
         "Keep only rows `idx` (ascending), compacting chunk by chunk in place, or into a new file while a snapshot holds this one."
-        src_file, src_view = self.file, self._view()
-        if self.file.claim:
-            self.file, self._t, self._mm = self._new_file(), None, None   # the source mapping stays open until done
-            os.ftruncate(self.file.fd, self.cap * self.rowbytes)
-        for a in range(0, len(idx), chunk):
-            self._write(src_view[idx[a:a+chunk]], a)
-        del src_view; self._unmap(); self.n = len(idx)
+        src = self.file; self._unmap()
+        if src.claim: self.file = self._new_file(); os.ftruncate(self.file.fd, self.cap * self.rowbytes)
+        for a in range(0, len(idx), chunk): self._write(self._read(src, idx[a:a+chunk]), a)
+        self.n = len(idx)
 
     def clear(self):
         if self.file.claim: self._unmap(); self.file, self.cap = self._new_file(), 0
