@@ -111,7 +111,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'memnb.memoryllm.LoraLinear.weight': ('memoryllm.html#loralinear.weight', 'memnb/memoryllm.py'),
                                  'memnb.memoryllm.MemoryCache': ('memoryllm.html#memorycache', 'memnb/memoryllm.py'),
                                  'memnb.memoryllm.MemoryCache.__init__': ('memoryllm.html#memorycache.__init__', 'memnb/memoryllm.py'),
-                                 'memnb.memoryllm.MemoryCache.crop': ('memoryllm.html#memorycache.crop', 'memnb/memoryllm.py'),
                                  'memnb.memoryllm.MemoryCache.get_seq_length': ( 'memoryllm.html#memorycache.get_seq_length',
                                                                                  'memnb/memoryllm.py'),
                                  'memnb.memoryllm.MemoryCache.has_prefix': ('memoryllm.html#memorycache.has_prefix', 'memnb/memoryllm.py'),

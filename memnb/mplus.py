@@ -145,7 +145,7 @@ def memory_kv(self:MPlus, layer_idx:int, hidden=None):
     "Prefix K/V [B, Hkv, P, hd]: bos and STM K/V cached per memory version (positions fixed by R), retrieved rows per call."
     R = self.n_retrieved()
     if R == 0: return MemoryLLM.memory_kv(self, layer_idx, hidden)
-    if torch.is_grad_enabled() and self.training: return self.prefix_kv(layer_idx, self.layer_prefix(layer_idx, hidden))
+    if torch.is_grad_enabled(): return self.prefix_kv(layer_idx, self.layer_prefix(layer_idx, hidden))  # gradients wanted: no cache
     nb = 1 if self.bos_embedding is not None else 0
     key = (self._weights_key(), R)
     if getattr(self, '_stm_kv', None) is None or self._stm_kv[0] != key: self._stm_kv = (key, [None] * self.L)
