@@ -18,6 +18,7 @@ from .core import check_tensor, check_same_device
 # %% ../nbs/01_ops.ipynb #aa25e99b
 CSRC = Path(memnb.__file__).parent/'csrc' # C++/CUDA sources shipped with memnb
 _loaded = {} # extension name -> True (kernels registered) / False (use the reference)
+_loaded_from = {} # extension name -> 'aot' | 'jit' | 'torch'
 
 def _forced_torch() -> bool: return os.environ.get('MEMNB_OPS_BACKEND', '').lower() == 'torch'
 
@@ -40,23 +41,24 @@ def load_extension(name:str, # extension name: the JIT cache folder under `TORCH
                   ) -> bool:
     "Register the kernels in `sources`: from the AOT `memnb._C` if current, else a JIT build; False (one warning) if neither works."
     if name in _loaded: return _loaded[name]
-    if _forced_torch(): _loaded[name] = False; return False
+    if _forced_torch(): _loaded[name], _loaded_from[name] = False, 'torch'; return False
     srcs = [Path(s) if Path(s).is_absolute() else CSRC/s for s in sources]
     if _want_cuda(): srcs += [Path(s) if Path(s).is_absolute() else CSRC/s for s in cuda_sources]
     try:
         aot = _aot_library(srcs)
-        if aot: torch.ops.load_library(aot)
+        if aot: torch.ops.load_library(aot); _loaded_from[name] = 'aot'
         else:
             from torch.utils.cpp_extension import load
             load(name=name, sources=[str(s) for s in srcs], is_python_module=False, verbose=False,
                  extra_cflags=['-O3', '-march=native', '-fopenmp', '-fno-math-errno'], extra_ldflags=['-fopenmp'],
                  extra_cuda_cflags=['-O3', '--expt-relaxed-constexpr'])
+            _loaded_from[name] = 'jit'
         _loaded[name] = True
     except Exception as e:
         msg = str(e).strip().splitlines()
         warnings.warn(f"memnb: could not build the compiled kernels `{name}` ({type(e).__name__}: {msg[0] if msg else ''}); "
                       "falling back to the pure-PyTorch reference implementation (correct, slower).", RuntimeWarning, stacklevel=2)
-        _loaded[name] = False
+        _loaded[name], _loaded_from[name] = False, 'torch'
     return _loaded[name]
 
 # %% ../nbs/01_ops.ipynb #a232bc25
@@ -301,6 +303,7 @@ def topk_mean_sigmoid(queries:Tensor, # [Q, dk] query projections of the prompt 
     check_tensor(queries, 'queries', op, 2, _FLOATS); check_tensor(keys, 'keys', op, 2, _FLOATS)
     if keys.shape[1] != queries.shape[1]:
         raise ValueError(f"{op}: `keys` shape {tuple(keys.shape)} and `queries` shape {tuple(queries.shape)} must share the last dim")
+    if queries.shape[0] == 0: raise ValueError(f"{op}: `queries` shape {tuple(queries.shape)} has no rows: the mean over queries is undefined")
     if keys.dtype != queries.dtype: raise ValueError(f"{op}: `keys` dtype {keys.dtype} must equal `queries` dtype {queries.dtype}")
     if not isinstance(k, int) or not 0 <= k <= keys.shape[0]:
         raise ValueError(f"{op}: k={k} must be an int in [0, M={keys.shape[0]}] (`keys` shape {tuple(keys.shape)})")
