@@ -77,7 +77,7 @@ def backend(name:str, # public op name, e.g. 'embedding_bag_wsum'
     if key and torch._C._dispatch_has_kernel_for_dispatch_key(f'memnb::{_PRIVATE[name]}', key): return 'cpp' if dev == 'cpu' else 'cuda'
     return 'torch'
 
-# %% ../nbs/01_ops.ipynb #26648bb0
+# %% ../nbs/01_ops.ipynb #aedca0d7
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _INTS = (torch.int32, torch.int64)
 
@@ -94,7 +94,7 @@ def embedding_bag_wsum_ref(values:Tensor, # [N, D] value table
         out += weights[:, l, None].to(acc) * values[idx[:, l]].to(acc) # [T, 1] * [T, D]
     return out.to(values.dtype)
 
-# %% ../nbs/01_ops.ipynb #30e4f87d
+# %% ../nbs/01_ops.ipynb #21e28fd1
 def embedding_bag_wsum_backward_ref(grad:Tensor, # [T, D] gradient of the output
                                     values:Tensor, # [N, D]
                                     idx:Tensor, # [T, L]
@@ -111,7 +111,7 @@ def embedding_bag_wsum_backward_ref(grad:Tensor, # [T, D] gradient of the output
         if need_dw: dw[:, l] = (values[idx[:, l]].to(acc) * g).sum(-1)
     return (dv.to(values.dtype) if need_dv else None), (dw.to(weights.dtype) if need_dw else None)
 
-# %% ../nbs/01_ops.ipynb #21e28fd1
+# %% ../nbs/01_ops.ipynb #93393ae0
 @torch.library.custom_op('memnb::embedding_bag_wsum', mutates_args=())
 def _ebw_op(values:Tensor, idx:Tensor, weights:Tensor, deterministic:bool=False) -> Tensor:
     if backend('embedding_bag_wsum', values.device) != 'torch':
@@ -147,7 +147,7 @@ def _ebw_backward(ctx, grad):
 
 _ebw_op.register_autograd(_ebw_backward, setup_context=_ebw_setup)
 
-# %% ../nbs/01_ops.ipynb #382f3451
+# %% ../nbs/01_ops.ipynb #816b8d9c
 def _check_index_range(op, name, idx, n, what):
     "Raise an IndexError naming `op` if any entry of `idx` is outside [0, n)."
     if idx.numel() == 0 or torch.compiler.is_compiling(): return
@@ -173,7 +173,7 @@ def embedding_bag_wsum(values:Tensor, # [N, D] value table, fp32/fp64/bf16/fp16
     _check_index_range(op, 'idx', idx, values.shape[0], f'`values` of shape {tuple(values.shape)}')
     return torch.ops.memnb.embedding_bag_wsum(values, idx, weights, deterministic)
 
-# %% ../nbs/01_ops.ipynb #9dd42f5e
+# %% ../nbs/01_ops.ipynb #e41a5210
 def pool_drop_append_ref(pool:Tensor, # [Lyr, N, D] memory pool
                          new:Tensor, # [Lyr, K, D] new memory vectors
                          drop_idx:Tensor, # [Lyr, K] slots to drop, per layer
@@ -186,7 +186,7 @@ def pool_drop_append_ref(pool:Tensor, # [Lyr, N, D] memory pool
     dropped = torch.gather(pool, 1, drop_idx.long()[..., None].expand(-1, -1, D))
     return torch.cat([survivors, new], 1), dropped
 
-# %% ../nbs/01_ops.ipynb #b4fdcb19
+# %% ../nbs/01_ops.ipynb #2bd3b45d
 @torch.library.custom_op('memnb::pool_drop_append', mutates_args=())
 def _pda_op(pool:Tensor, new:Tensor, drop_idx:Tensor) -> tuple[Tensor, Tensor]:
     if backend('pool_drop_append', pool.device) != 'torch':
@@ -227,7 +227,7 @@ def _pda_inplace_op(pool:Tensor, new:Tensor, drop_idx:Tensor) -> Tensor:
 @_pda_inplace_op.register_fake
 def _(pool, new, drop_idx): return pool.new_empty(new.shape)
 
-# %% ../nbs/01_ops.ipynb #ef013cf4
+# %% ../nbs/01_ops.ipynb #680a380e
 def _check_pool_args(op, pool, new, drop_idx):
     check_tensor(pool, 'pool', op, 3, _FLOATS); check_tensor(new, 'new', op, 3, _FLOATS)
     check_tensor(drop_idx, 'drop_idx', op, 2, _INTS)
@@ -269,7 +269,7 @@ def pool_drop_append_(pool:Tensor, # [Lyr, N, D] contiguous memory pool, updated
         raise ValueError(f"{op}: the in-place write is not differentiable; use `pool_drop_append` when `pool` or `new` requires grad")
     return torch.ops.memnb.pool_drop_append_(pool, new, drop_idx)
 
-# %% ../nbs/01_ops.ipynb #1618fb5a
+# %% ../nbs/01_ops.ipynb #e86c9cd6
 def topk_mean_sigmoid_ref(queries:Tensor, # [Q, dk] query projections
                           keys:Tensor, # [M, dk] key projections (may live on the CPU while queries are on a GPU)
                           k:int, # how many entries to return
@@ -284,7 +284,7 @@ def topk_mean_sigmoid_ref(queries:Tensor, # [Q, dk] query projections
     order = torch.sort(scores, descending=True, stable=True).indices[:k] # stable: equal scores keep index order
     return scores[order].to(queries.dtype), order
 
-# %% ../nbs/01_ops.ipynb #f91688ad
+# %% ../nbs/01_ops.ipynb #f9965110
 @torch.library.custom_op('memnb::topk_mean_sigmoid', mutates_args=())
 def _topk_op(queries:Tensor, keys:Tensor, k:int) -> tuple[Tensor, Tensor]:
     if backend('topk_mean_sigmoid', queries.device) != 'torch':
