@@ -10,6 +10,7 @@ import json, dataclasses
 from dataclasses import dataclass
 import torch
 from .core import check_tensor, save_tensors, load_tensors
+from .ops import pool_drop_append, pool_drop_append_
 
 # %% ../nbs/02_pool.ipynb #deb998ab
 @dataclass
@@ -87,7 +88,6 @@ def write(self:MemoryState,
           delta:torch.Tensor, # [L, K, d] new hidden states, oldest first
          ) -> Dropped:
     "Drop K random slots per layer and append `delta` at the right end; a first write into an uninitialised pool fills it."
-    from memnb.ops import pool_drop_append, pool_drop_append_
     check_tensor(delta, 'delta', 'MemoryState.write', ndim=3)
     L, K, d = delta.shape
     if (L, d) != (self.L, self.d): raise ValueError(f"MemoryState.write: `delta` has shape {tuple(delta.shape)}, expected ({self.L}, K, {self.d})")
