@@ -107,10 +107,12 @@ def write(self:MemoryState,
         idx = self.draw_drops(K)
         if self._shared: stm, vals = pool_drop_append(self.stm, delta, idx)   # copy-on-write: a snapshot holds self.stm
         else: stm, vals = self.stm, pool_drop_append_(self.stm, delta, idx)
-        ages, dages = pool_drop_append((self.ages + K)[..., None], new_ages[..., None], idx)
-        srcs, dsrc = pool_drop_append(self.sources[..., None], new_src[..., None], idx)
-        self.stm, self.ages, self.sources = stm, ages[..., 0], srcs[..., 0]
-        dropped = Dropped(vals, dages[..., 0], dsrc[..., 0], idx)
+        # ages and sources follow their slots through the same op (as float64 columns: exact for integers < 2**53)
+        meta = torch.stack([self.ages + K, self.sources], -1).double()                     # [L, N, 2]
+        meta, dmeta = pool_drop_append(meta, torch.stack([new_ages, new_src], -1).double(), idx)
+        meta, dmeta = meta.long(), dmeta.long()
+        self.stm, self.ages, self.sources = stm, meta[..., 0], meta[..., 1]
+        dropped = Dropped(vals, dmeta[..., 0], dmeta[..., 1], idx)
     self._shared = False
     self.step += 1; self.version += 1
     return dropped
@@ -139,8 +141,9 @@ def restore(self:MemoryState, snap:MemorySnapshot):
 @patch
 def to(self:MemoryState, device=None, dtype=None):
     "Move the pool (and ages, sources, LTM) to `device` / cast the pool to `dtype`, in place; returns self."
-    self.stm = self.stm.to(device=device, dtype=dtype)
-    self.ages, self.sources = self.ages.to(device), self.sources.to(device)
+    stm = self.stm.to(device=device, dtype=dtype)
+    if stm is self.stm: return self                     # nothing to do (and a snapshot may still share it)
+    self.stm, self.ages, self.sources = stm, self.ages.to(device), self.sources.to(device)
     if self.ltm is not None: self.ltm.to(device)
     self._shared = False; self.version += 1
     return self

@@ -20,8 +20,8 @@ def _lab_copy(tmp, nb_name):
 
 @pytest.fixture(scope='module')
 def lab(tmp_path_factory):
-    chromium = shutil.which('chromium')
-    assert chromium, "Debian's chromium is not installed: `apt-get install -y chromium` (scripts/test.sh does this)"
+    chromium = next(filter(None, map(shutil.which, ('chromium', 'chromium-browser', 'google-chrome'))), None)
+    assert chromium, "no Chromium found: `apt-get install -y chromium` (scripts/test.sh does this when run as root)"
     tmp = tmp_path_factory.mktemp('lab')
     port = _free_port()
     env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp/'.jcfg'), JUPYTER_RUNTIME_DIR=str(tmp/'.jrt'), PYTHONPATH=str(ROOT))
