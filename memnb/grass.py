@@ -125,6 +125,8 @@ class Grass(torch.optim.Optimizer):
                  stagger:bool=True, # spread layers' refreshes over the K steps
                  seed:int=0, # seeds the sampled selections (same on every rank)
                  check_finite:bool=True, # raise on a non-finite gradient, naming the parameter
+                 max_grad_norm:float|None=None, # clip the global norm of the gradients the optimizer sees (compact for targeted weights)
+                 per_layer:bool=False, # update each weight inside backward as soon as its gradient is ready (no accumulation)
                  sync_grads:bool|None=None, # all-reduce gradients in step(); None: when torch.distributed is initialised with >1 rank
                  process_group=None, # torch.distributed group for `sync_grads`
                 ):
@@ -134,7 +136,8 @@ class Grass(torch.optim.Optimizer):
                         scale=scale, betas=betas, eps=eps, weight_decay=weight_decay, moments=moments)
         self._rank_default = rank
         super().__init__(params, defaults)
-        self.stagger, self.seed, self.check_finite = stagger, seed, check_finite
+        self.stagger, self.seed, self.check_finite, self.max_grad_norm = stagger, seed, check_finite, max_grad_norm
+        if per_layer and max_grad_norm: raise ValueError("Grass: per_layer=True cannot clip a global gradient norm (max_grad_norm); clip per layer upstream or drop per_layer")
         self.sync_grads, self.process_group, self.comm_bytes = sync_grads, process_group, 0
         self._check_groups()
         self.targeted = [p for g in self.param_groups if g.get('rank') for p in g['params']]
@@ -146,6 +149,8 @@ class Grass(torch.optim.Optimizer):
                     if not hasattr(p, 'grass_slot'): p.grass_slot = GrassSlot(n or '')
                     if n: p.grass_slot.name = n
                     p.grass_slot.active, p.grass_slot.dim = True, grass_dim(p.shape)
+        self.per_layer = per_layer
+        if per_layer: self._install_hooks()
         self._sync_slots()
 
 # %% ../nbs/11_grass.ipynb #410090c5
@@ -275,28 +280,37 @@ def _adamw_update(self:Grass, p, group):
 
 # %% ../nbs/11_grass.ipynb #b4c47371
 @patch
-@torch.no_grad()
-def step(self:Grass, closure=None):
-    "One optimizer step over all groups; consumes (and frees) the compact gradients."
-    loss = None
-    if closure is not None:
-        with torch.enable_grad(): loss = closure()
-    work = []   # (group, p, full, compact)
+def _collect(self:Grass, params=None):
+    "Gradient work items `(gi, pi, p, full, compact)` for every parameter (or only `params`) that has a gradient."
+    work = []
     for gi, g in enumerate(self.param_groups):
         for pi, p in enumerate(g['params']):
+            if params is not None and all(p is not q for q in params): continue
             if g.get('rank'):
                 full, compact = self._grads(p)
                 if full is None and compact is None: continue
                 work.append((gi, pi, p, full, compact))
             elif p.grad is not None: work.append((gi, pi, p, None, None))
-    if self._should_sync(): work = self._all_reduce(work)
+    return work
+
+@patch
+def _check_and_clip(self:Grass, work):
+    "Raise on a non-finite gradient (naming it) before anything is applied; clip to `max_grad_norm`."
+    if not work or not (self.check_finite or self.max_grad_norm): return
+    ts = [(f if f is not None else c) if self.param_groups[gi].get('rank') else p.grad for gi, pi, p, f, c in work]
+    norms = torch.stack(torch._foreach_norm(ts)).float()
     if self.check_finite:
-        ts = [(f if f is not None else c) if self.param_groups[gi].get('rank') else p.grad for gi, pi, p, f, c in work]
-        if ts:
-            bad = ~torch.isfinite(torch.stack(torch._foreach_norm([t.float() for t in ts]) if len(ts) else []))
-            if bad.any():
-                gi, pi, p, *_ = work[int(bad.nonzero()[0])]
-                raise FloatingPointError(f"Grass.step: non-finite gradient in {self._name(gi, pi, p)}; no parameter was updated")
+        bad = ~torch.isfinite(norms)
+        if bad.any():
+            gi, pi, p, *_ = work[int(bad.nonzero()[0])]
+            raise FloatingPointError(f"Grass.step: non-finite gradient in {self._name(gi, pi, p)}; no parameter was updated")
+    if self.max_grad_norm:
+        total = norms.norm()
+        self.last_grad_norm = float(total)
+        if total > self.max_grad_norm: torch._foreach_mul_(ts, float(self.max_grad_norm / (total + 1e-6)))
+
+@patch
+def _apply(self:Grass, work):
     for gi, pi, p, full, compact in work:
         g = self.param_groups[gi]
         if not g.get('rank'): self._adamw_update(p, g); continue
@@ -306,10 +320,37 @@ def step(self:Grass, closure=None):
         else: c = compact if p.grass_slot.dim == 0 else compact.t()
         self._grass_update(p, g, c)
         p.grass_slot.compact = p.grass_slot.full = None
+        p.grass_slot.idx, p.grass_slot.rho, p.grass_slot.refresh = st['idx'], st.get('rho'), self._is_refresh(p, g)
+
+@patch
+@torch.no_grad()
+def step(self:Grass, closure=None):
+    "One optimizer step over all groups; consumes (and frees) the compact gradients."
+    loss = None
+    if closure is not None:
+        with torch.enable_grad(): loss = closure()
+    if self.per_layer: return loss   # the updates already happened inside backward
+    work = self._collect()
+    if self._should_sync(): work = self._all_reduce(work)
+    self._check_and_clip(work)
+    self._apply(work)
     self._sync_slots()
     return loss
 
 # %% ../nbs/11_grass.ipynb #caff0c8d
+@patch
+def _install_hooks(self:Grass):
+    if self._should_sync(): raise ValueError("Grass: per_layer=True is single-process only (sync_grads needs all gradients at step())")
+    def one(p):
+        with torch.no_grad():
+            work = self._collect([p]); self._check_and_clip(work); self._apply(work)
+            p.grad = None
+    for g in self.param_groups:
+        for p in g['params']:
+            if g.get('rank'): p.grass_slot.hook = (lambda p=p: one(p))
+            else: p.register_post_accumulate_grad_hook(one)
+
+# %% ../nbs/11_grass.ipynb #e574b1ab
 @patch
 def _should_sync(self:Grass) -> bool:
     if self.sync_grads is False: return False
@@ -333,7 +374,7 @@ def _all_reduce(self:Grass, work):
         else: out.append((gi, pi, p, None, r))
     return out
 
-# %% ../nbs/11_grass.ipynb #e574b1ab
+# %% ../nbs/11_grass.ipynb #bd7b3314
 def grass_param_groups(model:nn.Module, # the model (patch it with `grass_model` for the sparse backward)
                        rank:int, # r for every targeted weight
                        targets=('attn', 'mlp'), # Linear module names containing one of these are targeted
