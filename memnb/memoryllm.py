@@ -127,6 +127,7 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         self.lora_config, self.add_decoder_lora = None, add_decoder_lora
         if lora_config is not None: self.add_lora(**lora_config, add_decoder_lora=add_decoder_lora)
         self._kv = None  # (key, [(k, v) per layer]) memory-prefix K/V for reading, per memory/weights version
+        self.write_texts = {}  # write id -> the start of the text it wrote (when injected as text), for inspection
 
     @property
     def layers(self): return self.lm.model.layers
@@ -359,6 +360,8 @@ def inject(self:MemoryLLM, text_or_ids, # a string (needs `tokenizer`) or token 
                 self.update_memory(self.write_delta(c))
     except BaseException:
         self.memory.restore(snap); raise
+    if isinstance(text_or_ids, str):
+        for i, c in zip(ids, chunks): self.write_texts[i] = tokenizer.decode(c[:64])
     return ids
 
 # %% ../nbs/04_memoryllm.ipynb #0a911900
