@@ -1,0 +1,424 @@
+// memnb compiled ops, CPU kernels and private schemas.
+// The public ops (memnb::embedding_bag_wsum, ...) are torch.library custom ops defined in nbs/01_ops.ipynb; their
+// bodies call the private ops registered here. Schemas use TORCH_LIBRARY_FRAGMENT so other memnb sources can add
+// ops to the same `memnb` namespace from their own shared libraries.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+#include <algorithm>
+#include <cstring>
+#include <vector>
+#include <cstdlib>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+namespace memnb {
+using at::Tensor;
+
+// A fresh output of `nbytes` backed by transparent huge pages where the OS allows it (madvise mode). A dense dV
+// is written once per backward; with 4 KiB pages the first-touch page faults of a fresh 128 MiB buffer cost more
+// than the kernel itself, with 2 MiB pages they are ~500x fewer.
+static Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& opt) {
+  int64_t n = 1;
+  for (auto s : sizes) n *= s;
+  const size_t nbytes = size_t(n) * at::elementSize(at::typeMetaToScalarType(opt.dtype()));
+  constexpr size_t kHuge = size_t(2) << 20;
+#ifdef __linux__
+  if (nbytes >= 2 * kHuge) {
+    const size_t cap = (nbytes + kHuge - 1) / kHuge * kHuge;
+    void* p = nullptr;
+    if (posix_memalign(&p, kHuge, cap) == 0) {
+      madvise(p, cap, MADV_HUGEPAGE);
+      return at::from_blob(p, sizes, [](void* q) { std::free(q); }, opt);
+    }
+  }
+#endif
+  return at::empty(sizes, opt);
+}
+
+template <typename T> struct Acc { using type = float; };   // fp32 accumulation for fp32/bf16/fp16
+template <> struct Acc<double> { using type = double; };
+
+#ifndef MEMNB_UNROLL
+#define MEMNB_UNROLL 1
+#endif
+#ifndef MEMNB_PFHINT
+#define MEMNB_PFHINT 1
+#endif
+#ifndef MEMNB_PF
+#define MEMNB_PF 16
+#endif
+constexpr int64_t kPrefetchRows = MEMNB_PF;  // software-prefetch the row this many bag slots ahead
+
+template <typename V>
+inline void prefetch_row(const V* row, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(row);
+  const int64_t bytes = D * int64_t(sizeof(V));
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, MEMNB_PFHINT);
+}
+
+// a[d] += w * row[d]: written so that gcc -O3 vectorises it (restrict pointers, no reduction).
+template <typename A, typename V>
+inline void axpy(A* __restrict a, const V* __restrict row, A w, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) a[d] += w * static_cast<A>(row[d]);
+}
+
+// a[d] += w0*r0[d] + w1*r1[d] + w2*r2[d] + w3*r3[d]: four rows per pass over the accumulator (fewer loads/stores)
+template <typename A, typename V>
+inline void axpy4(A* __restrict a, const V* __restrict r0, const V* __restrict r1, const V* __restrict r2,
+                  const V* __restrict r3, A w0, A w1, A w2, A w3, int64_t D) {
+  for (int64_t d = 0; d < D; ++d)
+    a[d] += w0 * static_cast<A>(r0[d]) + w1 * static_cast<A>(r1[d]) + w2 * static_cast<A>(r2[d]) + w3 * static_cast<A>(r3[d]);
+}
+
+// Σ_d a[d]·b[d] with 16 independent partial sums (vectorises without -ffast-math, deterministic order).
+template <typename A, typename G, typename V>
+inline A dot(const G* __restrict a, const V* __restrict b, int64_t D) {
+  A s[16] = {0};
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16)
+    for (int j = 0; j < 16; ++j) s[j] += static_cast<A>(a[d + j]) * static_cast<A>(b[d + j]);
+  A r = 0;
+  for (int j = 0; j < 16; ++j) r += s[j];
+  for (; d < D; ++d) r += static_cast<A>(a[d]) * static_cast<A>(b[d]);
+  return r;
+}
+
+template <typename I>
+void check_indices(const I* idx, int64_t n, int64_t N, const char* op) {
+  for (int64_t e = 0; e < n; ++e)
+    TORCH_CHECK_INDEX(idx[e] >= 0 && idx[e] < N, op, ": index ", int64_t(idx[e]), " out of range for `values` with ", N, " rows");
+}
+
+static void check_bag(const Tensor& values, const Tensor& idx, const Tensor& weights, const char* op) {
+  TORCH_CHECK(values.dim() == 2, op, ": `values` must have 2 dims, got ", values.sizes());
+  TORCH_CHECK(idx.dim() == 2, op, ": `idx` must have 2 dims, got ", idx.sizes());
+  TORCH_CHECK(weights.sizes() == idx.sizes(), op, ": `weights` shape ", weights.sizes(), " must equal `idx` shape ", idx.sizes());
+  TORCH_CHECK(idx.scalar_type() == at::kInt || idx.scalar_type() == at::kLong, op, ": `idx` must be int32 or int64");
+  TORCH_CHECK(weights.scalar_type() == values.scalar_type() || weights.scalar_type() == at::kFloat, op,
+              ": `weights` dtype must be `values` dtype or float32");
+  TORCH_CHECK(values.device() == idx.device() && values.device() == weights.device(), op, ": tensors on different devices");
+}
+
+// ---------------------------------------------------------------- embedding_bag_wsum forward
+template <typename V, typename W, typename I>
+void ebw_fwd_impl(const V* values, const I* idx, const W* w, V* out, int64_t T, int64_t L, int64_t D) {
+  using A = typename Acc<V>::type;
+  at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
+    std::vector<A> acc(D);
+    for (int64_t t = t0; t < t1; ++t) {
+      std::fill(acc.begin(), acc.end(), A(0));
+      const I* it = idx + t * L;
+      const W* wt = w + t * L;
+      if (kPrefetchRows > 0)
+        for (int64_t l = 0; l < std::min(kPrefetchRows, L); ++l) prefetch_row(values + int64_t(it[l]) * D, D);
+      int64_t l = 0;
+#if MEMNB_UNROLL
+      for (; l + 4 <= L; l += 4) {
+        if (kPrefetchRows > 0)
+          for (int64_t u = l + kPrefetchRows; u < std::min(l + kPrefetchRows + 4, L); ++u) prefetch_row(values + int64_t(it[u]) * D, D);
+        axpy4<A, V>(acc.data(), values + int64_t(it[l]) * D, values + int64_t(it[l + 1]) * D, values + int64_t(it[l + 2]) * D,
+                    values + int64_t(it[l + 3]) * D, static_cast<A>(wt[l]), static_cast<A>(wt[l + 1]), static_cast<A>(wt[l + 2]),
+                    static_cast<A>(wt[l + 3]), D);
+      }
+#endif
+      for (; l < L; ++l) {
+        if (kPrefetchRows > 0 && l + kPrefetchRows < L) prefetch_row(values + int64_t(it[l + kPrefetchRows]) * D, D);
+        axpy<A, V>(acc.data(), values + int64_t(it[l]) * D, static_cast<A>(wt[l]), D);
+      }
+      V* o = out + t * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<V>(acc[d]);
+    }
+  });
+}
+
+Tensor ebw_fwd_cpu(const Tensor& values_, const Tensor& idx_, const Tensor& weights_) {
+  const char* op = "embedding_bag_wsum";
+  check_bag(values_, idx_, weights_, op);
+  auto values = values_.contiguous(); auto idx = idx_.contiguous(); auto weights = weights_.contiguous();
+  const int64_t N = values.size(0), D = values.size(1), T = idx.size(0), L = idx.size(1);
+  auto out = at::empty({T, D}, values.options());
+  if (T == 0 || D == 0) return out;
+  if (L == 0) return out.zero_();
+  AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "ebw_fwd_idx", [&] {
+    check_indices(idx.data_ptr<index_t>(), idx.numel(), N, op);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values.scalar_type(), "ebw_fwd", [&] {
+      if (weights.scalar_type() == values.scalar_type())
+        ebw_fwd_impl<scalar_t, scalar_t, index_t>(values.data_ptr<scalar_t>(), idx.data_ptr<index_t>(),
+                                                  weights.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), T, L, D);
+      else
+        ebw_fwd_impl<scalar_t, float, index_t>(values.data_ptr<scalar_t>(), idx.data_ptr<index_t>(),
+                                               weights.data_ptr<float>(), out.data_ptr<scalar_t>(), T, L, D);
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------- embedding_bag_wsum backward
+// dV: a stable counting sort of the (t, l) slots by row gives each row its contributions in (t, l) order (a CSR);
+// rows are then split across threads, so each thread owns its rows: lock-free, deterministic, every dV row written
+// exactly once (rows nobody used are written as zeros; no separate memset pass). While a row's values are hot in
+// L1, dw[t, l] = g[t]·V[row] is computed for all its slots, so V is read once per distinct row, not once per slot.
+template <typename V, typename W, typename I>
+void ebw_bwd_impl(const V* g, const V* values, const I* idx, const W* w, V* dv, W* dw,
+                  int64_t N, int64_t T, int64_t L, int64_t D) {
+  using A = typename Acc<V>::type;
+  const int64_t n = T * L;
+  if (dv) {
+    std::vector<int64_t> start(N + 1, 0);
+    for (int64_t e = 0; e < n; ++e) start[int64_t(idx[e]) + 1]++;
+    for (int64_t r = 0; r < N; ++r) start[r + 1] += start[r];
+    std::vector<int64_t> slot(n), cursor(start.begin(), start.end() - 1);
+    for (int64_t e = 0; e < n; ++e) slot[cursor[int64_t(idx[e])]++] = e;
+    at::parallel_for(0, N, 64, [&](int64_t r0, int64_t r1) {
+      std::vector<A> acc(D);
+      for (int64_t r = r0; r < r1; ++r) {
+        V* out = dv + r * D;
+        const int64_t b = start[r], e_end = start[r + 1];
+        if (b == e_end) { std::memset(out, 0, D * sizeof(V)); continue; }
+        std::fill(acc.begin(), acc.end(), A(0));
+        const V* row = values + r * D;
+        for (int64_t s = b; s < e_end; ++s) {
+          const int64_t e = slot[s], t = e / L;
+          if (s + 2 < e_end) prefetch_row(g + (slot[s + 2] / L) * D, D);
+          axpy<A, V>(acc.data(), g + t * D, static_cast<A>(w[e]), D);
+          if (dw) dw[e] = static_cast<W>(dot<A, V, V>(g + t * D, row, D));
+        }
+        for (int64_t d = 0; d < D; ++d) out[d] = static_cast<V>(acc[d]);
+      }
+    });
+  } else if (dw) {  // only dw: one gather pass over the bags, like the forward
+    at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const I* it = idx + t * L;
+        for (int64_t l = 0; l < L; ++l) {
+          if (l + kPrefetchRows < L) prefetch_row(values + int64_t(it[l + kPrefetchRows]) * D, D);
+          dw[t * L + l] = static_cast<W>(dot<A, V, V>(g + t * D, values + int64_t(it[l]) * D, D));
+        }
+      }
+    });
+  }
+}
+
+std::tuple<Tensor, Tensor> ebw_bwd_cpu(const Tensor& grad_, const Tensor& values_, const Tensor& idx_, const Tensor& weights_,
+                                       bool need_dv, bool need_dw, bool deterministic) {
+  const char* op = "embedding_bag_wsum_backward";
+  check_bag(values_, idx_, weights_, op);
+  auto values = values_.contiguous(); auto idx = idx_.contiguous(); auto weights = weights_.contiguous();
+  const int64_t N = values.size(0), D = values.size(1), T = idx.size(0), L = idx.size(1);
+  TORCH_CHECK(grad_.dim() == 2 && grad_.size(0) == T && grad_.size(1) == D, op, ": `grad` shape ", grad_.sizes(),
+              " must be [T=", T, ", D=", D, "]");
+  auto grad = grad_.to(values.scalar_type()).contiguous();
+  Tensor dv = need_dv ? empty_huge({N, D}, values.options()) : at::empty({0}, values.options());
+  Tensor dw = need_dw ? at::empty({T, L}, weights.options()) : at::empty({0}, weights.options());
+  if (need_dv && (T * L == 0 || D == 0)) dv.zero_();
+  if (need_dw && (D == 0 || T * L == 0)) dw.zero_();
+  if ((!need_dv && !need_dw) || T * L == 0 || D == 0) return {dv, dw};
+  AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "ebw_bwd_idx", [&] {
+    check_indices(idx.data_ptr<index_t>(), idx.numel(), N, op);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values.scalar_type(), "ebw_bwd", [&] {
+      scalar_t* dvp = need_dv ? dv.data_ptr<scalar_t>() : nullptr;
+      if (weights.scalar_type() == values.scalar_type())
+        ebw_bwd_impl<scalar_t, scalar_t, index_t>(grad.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(), idx.data_ptr<index_t>(),
+            weights.data_ptr<scalar_t>(), dvp, need_dw ? dw.data_ptr<scalar_t>() : nullptr, N, T, L, D);
+      else
+        ebw_bwd_impl<scalar_t, float, index_t>(grad.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(), idx.data_ptr<index_t>(),
+            weights.data_ptr<float>(), dvp, need_dw ? dw.data_ptr<float>() : nullptr, N, T, L, D);
+    });
+  });
+  return {dv, dw};
+}
+
+// ---------------------------------------------------------------- pool_drop_append
+// dest[l*N + n] = new position of slot n of layer l, or -1 if dropped. Validates everything before any write.
+std::vector<int64_t> keep_map(const Tensor& drop_idx, int64_t Lyr, int64_t N, const char* op) {
+  const int64_t K = drop_idx.size(1);
+  auto d = drop_idx.to(at::kLong).contiguous();
+  const int64_t* dp = d.data_ptr<int64_t>();
+  std::vector<int64_t> dest(Lyr * N, 0);
+  for (int64_t l = 0; l < Lyr; ++l) {
+    int64_t* m = dest.data() + l * N;
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t i = dp[l * K + j];
+      TORCH_CHECK_INDEX(i >= 0 && i < N, op, ": layer ", l, ": drop index ", i, " (drop_idx[", l, ", ", j,
+                        "]) is out of range for a pool of ", N, " slots");
+      TORCH_CHECK_INDEX(m[i] == 0, op, ": layer ", l, ": drop index ", i, " appears more than once in `drop_idx`");
+      m[i] = -1;
+    }
+    int64_t pos = 0;
+    for (int64_t n = 0; n < N; ++n) m[n] = (m[n] < 0) ? -1 : pos++;
+  }
+  return dest;
+}
+
+static void check_pool(const Tensor& pool, const Tensor& nw, const Tensor& drop_idx, const char* op) {
+  TORCH_CHECK(pool.dim() == 3, op, ": `pool` must have 3 dims, got ", pool.sizes());
+  TORCH_CHECK(drop_idx.dim() == 2 && drop_idx.size(0) == pool.size(0) && drop_idx.size(1) <= pool.size(1), op,
+              ": `drop_idx` shape ", drop_idx.sizes(), " must be [Lyr, K<=N] for `pool` ", pool.sizes());
+  TORCH_CHECK(drop_idx.scalar_type() == at::kInt || drop_idx.scalar_type() == at::kLong, op, ": `drop_idx` must be int32 or int64");
+  TORCH_CHECK(nw.dim() == 3 && nw.size(0) == pool.size(0) && nw.size(1) == drop_idx.size(1) && nw.size(2) == pool.size(2), op,
+              ": `new` shape ", nw.sizes(), " must be (Lyr, K, D)");
+  TORCH_CHECK(nw.scalar_type() == pool.scalar_type(), op, ": `new` dtype must equal `pool` dtype");
+  TORCH_CHECK(pool.device() == nw.device() && pool.device() == drop_idx.device(), op, ": tensors on different devices");
+}
+
+std::tuple<Tensor, Tensor> pool_drop_append_cpu(const Tensor& pool_, const Tensor& nw_, const Tensor& drop_idx) {
+  const char* op = "pool_drop_append";
+  check_pool(pool_, nw_, drop_idx, op);
+  auto pool = pool_.contiguous(); auto nw = nw_.contiguous();
+  const int64_t Lyr = pool.size(0), N = pool.size(1), D = pool.size(2), K = drop_idx.size(1);
+  auto dest = keep_map(drop_idx, Lyr, N, op);
+  auto out = at::empty_like(pool);
+  auto dropped = at::empty({Lyr, K, D}, pool.options());
+  const int64_t rb = D * pool.element_size();
+  const char* src = static_cast<const char*>(pool.data_ptr());
+  const char* nsrc = static_cast<const char*>(nw.data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  char* drp = static_cast<char*>(dropped.data_ptr());
+  auto d64 = drop_idx.to(at::kLong).contiguous();
+  const int64_t* dp = d64.data_ptr<int64_t>();
+  constexpr int64_t CH = 256;  // rows per work item
+  const int64_t nch = (N + CH - 1) / CH;
+  // survivors: parallel over layers x row-chunks, each contiguous run of kept rows is one memcpy
+  at::parallel_for(0, Lyr * nch, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t l = c / nch, n0 = (c % nch) * CH, n1 = std::min(N, n0 + CH);
+      const int64_t* m = dest.data() + l * N;
+      for (int64_t n = n0; n < n1;) {
+        if (m[n] < 0) { ++n; continue; }
+        int64_t e = n + 1;
+        while (e < n1 && m[e] >= 0) ++e;
+        std::memcpy(dst + (l * N + m[n]) * rb, src + (l * N + n) * rb, (e - n) * rb);
+        n = e;
+      }
+    }
+  });
+  at::parallel_for(0, Lyr, 1, [&](int64_t l0, int64_t l1) {
+    for (int64_t l = l0; l < l1; ++l) {
+      std::memcpy(dst + (l * N + N - K) * rb, nsrc + l * K * rb, K * rb);
+      for (int64_t j = 0; j < K; ++j) std::memcpy(drp + (l * K + j) * rb, src + (l * N + dp[l * K + j]) * rb, rb);
+    }
+  });
+  return {out, dropped};
+}
+
+Tensor pool_drop_append_inplace_cpu(Tensor pool, const Tensor& nw_, const Tensor& drop_idx) {
+  const char* op = "pool_drop_append_";
+  check_pool(pool, nw_, drop_idx, op);
+  TORCH_CHECK(pool.is_contiguous(), op, ": `pool` must be contiguous");
+  auto nw = nw_.contiguous();
+  const int64_t Lyr = pool.size(0), N = pool.size(1), D = pool.size(2), K = drop_idx.size(1);
+  auto dest = keep_map(drop_idx, Lyr, N, op);  // throws before anything is written
+  auto dropped = at::empty({Lyr, K, D}, pool.options());
+  const int64_t rb = D * pool.element_size();
+  char* p = static_cast<char*>(pool.data_ptr());
+  const char* nsrc = static_cast<const char*>(nw.data_ptr());
+  char* drp = static_cast<char*>(dropped.data_ptr());
+  auto d64 = drop_idx.to(at::kLong).contiguous();
+  const int64_t* dp = d64.data_ptr<int64_t>();
+  // in place, rows only move left, so a layer is compacted in ascending order by one thread; layers in parallel
+  at::parallel_for(0, Lyr, 1, [&](int64_t l0, int64_t l1) {
+    for (int64_t l = l0; l < l1; ++l) {
+      char* base = p + l * N * rb;
+      for (int64_t j = 0; j < K; ++j) std::memcpy(drp + (l * K + j) * rb, base + dp[l * K + j] * rb, rb);
+      const int64_t* m = dest.data() + l * N;
+      for (int64_t n = 0; n < N;) {
+        if (m[n] < 0) { ++n; continue; }
+        int64_t e = n + 1;
+        while (e < N && m[e] >= 0) ++e;
+        if (m[n] != n) std::memmove(base + m[n] * rb, base + n * rb, (e - n) * rb);
+        n = e;
+      }
+      std::memcpy(base + (N - K) * rb, nsrc + l * K * rb, K * rb);
+    }
+  });
+  return dropped;
+}
+
+// ---------------------------------------------------------------- topk_mean_sigmoid
+// Keys are scored tile by tile: a GEMM of the queries with one tile of keys into a reused [Q, tile] buffer,
+// sigmoid in place, mean over the queries; then the tile's candidates are merged into a running top-k
+// (nth_element on (score desc, index asc)). Memory: the buffer plus k candidates, never Q x M. The GEMM and the
+// elementwise ops are ATen's multi-threaded kernels; the merge is O(tile + k) per tile.
+template <typename A>
+struct Better {
+  bool operator()(const std::pair<A, int64_t>& a, const std::pair<A, int64_t>& b) const {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  }
+};
+
+template <typename A>
+void topk_tiles(const Tensor& q, const Tensor& keys, int64_t k, int64_t tile, Tensor& scores, Tensor& index) {
+  const int64_t Q = q.size(0), M = keys.size(0);
+  const auto acc = q.scalar_type();
+  auto buf = at::empty({Q * tile}, q.options());
+  auto ts = at::empty({tile}, q.options());
+  std::vector<std::pair<A, int64_t>> best;
+  best.reserve(k + tile);
+  Better<A> better;
+  for (int64_t s = 0; s < M; s += tile) {
+    const int64_t n = std::min(tile, M - s);
+    auto kt = keys.narrow(0, s, n).to(acc);                 // [n, dk], a view for fp32/fp64 keys
+    auto b = buf.narrow(0, 0, Q * n).view({Q, n});         // [Q, n]
+    at::mm_out(b, q, kt.t());
+    b.sigmoid_();
+    auto tsn = ts.narrow(0, 0, n);
+    at::mean_out(tsn, b, {0}, false);
+    const A* sp = tsn.data_ptr<A>();
+    for (int64_t j = 0; j < n; ++j) best.emplace_back(sp[j], s + j);
+    if (int64_t(best.size()) > k) {
+      std::nth_element(best.begin(), best.begin() + k, best.end(), better);
+      best.resize(k);
+    }
+  }
+  std::sort(best.begin(), best.end(), better);
+  auto so = at::empty({k}, q.options());
+  A* sop = so.data_ptr<A>();
+  int64_t* ip = index.data_ptr<int64_t>();
+  for (int64_t j = 0; j < k; ++j) { sop[j] = best[j].first; ip[j] = best[j].second; }
+  scores = so;
+}
+
+std::tuple<Tensor, Tensor> topk_mean_sigmoid_cpu(const Tensor& queries, const Tensor& keys, int64_t k) {
+  const char* op = "topk_mean_sigmoid";
+  TORCH_CHECK(queries.dim() == 2 && keys.dim() == 2 && queries.size(1) == keys.size(1), op, ": `queries` ", queries.sizes(),
+              " and `keys` ", keys.sizes(), " must be [Q, dk] and [M, dk]");
+  TORCH_CHECK(at::isFloatingType(queries.scalar_type()) && keys.scalar_type() == queries.scalar_type(), op,
+              ": `queries` and `keys` must share one floating dtype");
+  TORCH_CHECK(keys.device().is_cpu() && queries.device().is_cpu(), op, ": CPU kernel called with non-CPU tensors");
+  const int64_t M = keys.size(0), Q = queries.size(0);
+  TORCH_CHECK(k >= 0 && k <= M, op, ": k=", k, " must be in [0, M=", M, "]");
+  const auto acc = queries.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto q = queries.to(acc).contiguous();
+  auto kk = keys.contiguous();
+  Tensor scores, index = at::empty({k}, queries.options().dtype(at::kLong));
+  // tile so the [Q, tile] buffer stays around 4 MiB (cache-resident), within [256, 4096] keys
+  const int64_t tile = std::max<int64_t>(256, std::min<int64_t>(4096, (int64_t(1) << 20) / std::max<int64_t>(Q, 1)));
+  if (k == 0 || M == 0) return {at::empty({0}, queries.options()), index};
+  if (Q == 0) {  // mean over no queries is NaN for every key, like the reference
+    return {at::full({k}, NAN, queries.options()), at::arange(k, index.options())};
+  }
+  if (acc == at::kDouble) topk_tiles<double>(q, kk, k, tile, scores, index);
+  else topk_tiles<float>(q, kk, k, tile, scores, index);
+  return {scores.to(queries.scalar_type()), index};
+}
+
+}  // namespace memnb
+
+TORCH_LIBRARY_FRAGMENT(memnb, m) {
+  m.def("_ebw_fwd(Tensor values, Tensor idx, Tensor weights) -> Tensor");
+  m.def("_ebw_bwd(Tensor grad, Tensor values, Tensor idx, Tensor weights, bool need_dv, bool need_dw, bool deterministic) -> (Tensor, Tensor)");
+  m.def("_pool_drop_append(Tensor pool, Tensor new, Tensor drop_idx) -> (Tensor, Tensor)");
+  m.def("_pool_drop_append_(Tensor(a!) pool, Tensor new, Tensor drop_idx) -> Tensor");
+  m.def("_topk_mean_sigmoid(Tensor queries, Tensor keys, int k) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(memnb, CPU, m) {
+  m.impl("_ebw_fwd", &memnb::ebw_fwd_cpu);
+  m.impl("_ebw_bwd", &memnb::ebw_bwd_cpu);
+  m.impl("_pool_drop_append", &memnb::pool_drop_append_cpu);
+  m.impl("_pool_drop_append_", &memnb::pool_drop_append_inplace_cpu);
+  m.impl("_topk_mean_sigmoid", &memnb::topk_mean_sigmoid_cpu);
+}
