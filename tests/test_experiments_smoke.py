@@ -1,0 +1,15 @@
+"The training and soak notebooks of the main job run end to end with tiny parameters (the real runs take minutes)."
+import json
+from memnb.cli import run_experiment
+from memnb import tiny
+
+def test_train_tiny_smoke(tmp_path):
+    out = run_experiment('train_tiny', dict(steps=3, batch=2, minutes=1.0), out_dir=tmp_path, html=False, progress=False)
+    man = tiny.check_manifest(out)   # weights + manifest written, hashes consistent
+    assert {'config.json', 'model.safetensors'} <= set(man['files'])
+    m = tiny.load_tiny('mplus', out); assert m.N == tiny.NUM_TOKENS * tiny.STM_BLOCKS
+
+def test_tiny_soak_smoke(tmp_path):
+    run_experiment('tiny_soak', dict(writes=40, every=10, windows=2), out_dir=tmp_path, html=False, progress=False)
+    r = json.loads((tmp_path/'results.json').read_text())
+    assert r['writes'] == 40 and r['nonfinite_checks'] == 0 and len(r['windows']) == 2
