@@ -46,6 +46,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'memnb.data.Fact.answer': ('data.html#fact.answer', 'memnb/data.py'),
                             'memnb.data.Fact.question': ('data.html#fact.question', 'memnb/data.py'),
                             'memnb.data.Fact.statement': ('data.html#fact.statement', 'memnb/data.py'),
+                            'memnb.data.counting': ('data.html#counting', 'memnb/data.py'),
                             'memnb.data.episodes': ('data.html#episodes', 'memnb/data.py'),
                             'memnb.data.fact_chunk': ('data.html#fact_chunk', 'memnb/data.py'),
                             'memnb.data.filler': ('data.html#filler', 'memnb/data.py'),

@@ -33,10 +33,10 @@ def encode(text:str, tok=None) -> torch.Tensor:
 
 # %% ../nbs/15_tiny.ipynb #23c9bbaf
 def tiny_config(**kw) -> LlamaConfig:
-    "The tiny base model's Llama config: d=128, 4 layers, 4 heads, intermediate 512, vocab 384, tied embeddings."
+    "The tiny base model's Llama config: d=128, 4 layers, 4 heads, intermediate 512, vocab 384, untied embeddings."
     c = dict(vocab_size=384, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=1024, rope_theta=10000., bos_token_id=None,
-             eos_token_id=1, pad_token_id=0, tie_word_embeddings=True)
+             eos_token_id=1, pad_token_id=0, tie_word_embeddings=False)
     return LlamaConfig(**(c | kw))
 
 def build_tiny(seed:int=0, # seeds the initial weights

@@ -8,6 +8,8 @@ def test_train_tiny_smoke(tmp_path):
     man = tiny.check_manifest(out)   # weights + manifest written, hashes consistent
     assert {'config.json', 'model.safetensors'} <= set(man['files'])
     m = tiny.load_tiny('mplus', out); assert m.N == tiny.NUM_TOKENS * tiny.STM_BLOCKS
+    h = json.loads((out/'history.json').read_text())   # the in-context warm-up and the memory phases both ran
+    assert {x['in_context'] for x in h} == {0.0, 1.0} and all(x['answer'] == x['answer'] for x in h)
 
 def test_tiny_soak_smoke(tmp_path):
     run_experiment('tiny_soak', dict(writes=40, every=10, windows=2), out_dir=tmp_path, html=False, progress=False)

@@ -33,6 +33,13 @@ def test_retention_small(small_run):
     assert r['survival']['1'] == pytest.approx(1 - 32 / 256)
     assert (out/'retention.png').stat().st_size > 1000 and (out/'retention.ipynb').exists()
 
+def test_retention_recalls_right_after_writing(small_run, model_dir):
+    "With the committed weights, a fact just written is recalled more often than without memory (the main job's point)."
+    if model_dir: pytest.skip('no trained weights committed: the untrained stand-in cannot recall')
+    _, r = small_run
+    for name in ('MemoryLLM', 'M+'):
+        assert r['results'][name]['0']['hits'] > r['results']['no memory']['0']['hits'], (name, r['results'])
+
 def test_embedded_weights_hash(tmp_path):
     if not tiny.has_weights(): pytest.skip('no trained weights committed under memnb/assets/tiny')
     man = tiny.check_manifest(tiny.TINY_DIR)
