@@ -65,3 +65,8 @@ def test_bad_value_stops_at_first_cell(tmp_path):
     failed = [i for i, c in enumerate(code) if any(o.get('output_type') == 'error' for o in c.get('outputs', []))]
     params = [i for i, c in enumerate(code) if 'parameters' in c['metadata'].get('tags', []) or 'injected-parameters' in c['metadata'].get('tags', [])]
     assert failed == [max(params) + 1]   # the first cell after the parameters
+
+def test_distractor_share_is_checked(tmp_path):
+    import papermill as pm
+    with pytest.raises(pm.PapermillExecutionError, match='distractor_facts'):
+        run_experiment('retention', dict(distractor_facts=1.5), out_dir=tmp_path, html=False, progress=False)
