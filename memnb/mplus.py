@@ -14,6 +14,7 @@ from .core import check_tensor, atomic_path
 from .pool import MemoryState
 from .memoryllm import MemoryLLM
 from .ltm import LTM
+from .checkpoint import read_config, tensor_shape, check_state_dict
 from .retriever import Retriever, retrieve, retrieval_weights, retriever_loss
 
 # %% ../nbs/08_mplus.ipynb #fbd19522
@@ -85,20 +86,25 @@ def update_memory(self:MPlus, delta:torch.Tensor, # [L, K, d] new states from `w
                  ):
     "MemoryLLM's pool write, then: age the LTM, key the dropped slots with `key_proj(RMSNorm_l(·))`, push them, merge when due."
     with torch.no_grad():
+        if not self.memory.initialized: return self.memory.write(delta)    # first write into an empty pool: nothing dropped
+        check_tensor(delta, 'delta', 'MPlus.update_memory', ndim=3)
+        K = delta.shape[1]
+        # compute everything first: the slots the write will drop (same RNG draw) and their retriever keys
+        rng = self.memory.gen.get_state()
+        idx = self.memory.draw_drops(K); self.memory.gen.set_state(rng)                        # [L, K]
+        gone = self.memory.stm.gather(1, idx[..., None].expand(-1, -1, self.d)).to(delta.dtype)  # [L, K, d]
+        keys = [self.retriever.keys(l, layer.input_layernorm(gone[l])) for l, layer in enumerate(self.layers)]  # [K, dk] each
+        # then mutate
         dropped = self.memory.write(delta)
-        K = dropped.values.shape[1]
-        if K == 0: return dropped                      # first write into an empty pool: nothing dropped
         if self.age_semantics == 'official':            # the released inference file never ages STM slots
             a = self.memory.ages; self.memory.ages = torch.cat([a[:, :-K] - K, a[:, -K:]], 1)
             dropped.ages = dropped.ages - K
         self.ltm.advance_ages(K)
-        for l, layer in enumerate(self.layers):
-            keys = self.retriever.keys(l, layer.input_layernorm(dropped.values[l].to(delta.dtype)))  # [K, dk]
-            self.ltm.push(l, dropped.values[l], keys, dropped.ages[l])
+        for l in range(self.L): self.ltm.push(l, dropped.values[l], keys[l], dropped.ages[l])
         self.ltm.step()
     return dropped
 
-# %% ../nbs/08_mplus.ipynb #f4f3322c
+# %% ../nbs/08_mplus.ipynb #5db5f179
 @patch
 def n_retrieved(self:MPlus) -> int:
     "R: LTM rows each layer reads (k = num_ltm_blocks*num_tokens once the LTM holds anything, else 0)."
@@ -113,15 +119,16 @@ def prefix_length(self:MPlus) -> int:
     P = MemoryLLM.prefix_length(self)
     return P + self.n_retrieved() if P else 0
 
-# %% ../nbs/08_mplus.ipynb #5db5f179
+# %% ../nbs/08_mplus.ipynb #11224bc0
 @patch
 def retrieve_rows(self:MPlus, layer_idx:int, # decoder layer
                   hidden:torch.Tensor, # [B, T, d] the layer's input for the prompt tokens
+                  query_mask:torch.Tensor|None=None, # [B, T] bool: the tokens that query (padding does not); None = all
                  ) -> torch.Tensor: # [B, R, d] on the hidden states' device
     "Score layer `layer_idx`'s LTM against each prompt (its non-padding tokens) and gather the top R rows, oldest first."
     layer = self.layers[layer_idx]
     q = self.retriever.queries(layer_idx, layer.input_layernorm(hidden))          # [B, T, dk]
-    mask = getattr(self, '_query_mask', None)
+    mask = query_mask
     keys, ages = self.ltm.keys(layer_idx), self.ltm.ages(layer_idx)               # CPU
     idx = torch.stack([retrieve(q[b] if mask is None else q[b][mask[b]], keys, ages, self.k_ltm) for b in range(q.shape[0])])
     self.last_retrieval[layer_idx] = idx                                          # [B, R]
@@ -129,23 +136,23 @@ def retrieve_rows(self:MPlus, layer_idx:int, # decoder layer
     return rows.to(hidden.device, hidden.dtype)
 
 @patch
-def layer_prefix(self:MPlus, layer_idx:int, hidden=None, memory=None) -> torch.Tensor:
+def layer_prefix(self:MPlus, layer_idx:int, hidden=None, memory=None, query_mask=None) -> torch.Tensor:
     "[bos ; retrieved ; STM] for layer `layer_idx`: [P, d], or [B, P, d] when rows are retrieved for a batch of prompts."
     base = MemoryLLM.layer_prefix(self, layer_idx, hidden, memory)                # [nb + N, d]
     if memory is not None or self.n_retrieved() == 0: return base
     if hidden is None: raise ValueError("MPlus.layer_prefix: retrieving from the LTM needs the layer's prompt hidden states")
-    rows = self.retrieve_rows(layer_idx, hidden)                                  # [B, R, d]
+    rows = self.retrieve_rows(layer_idx, hidden, query_mask)                      # [B, R, d]
     nb = 1 if self.bos_embedding is not None else 0
     base = base.to(rows.dtype).expand(rows.shape[0], -1, -1)
     return torch.cat([base[:, :nb], rows, base[:, nb:]], 1)
 
-# %% ../nbs/08_mplus.ipynb #e3eb1f1a
+# %% ../nbs/08_mplus.ipynb #f58b9516
 @patch
-def memory_kv(self:MPlus, layer_idx:int, hidden=None):
+def memory_kv(self:MPlus, layer_idx:int, hidden=None, query_mask=None):
     "Prefix K/V [B, Hkv, P, hd]: bos and STM K/V cached per memory version (positions fixed by R), retrieved rows per call."
     R = self.n_retrieved()
-    if R == 0: return MemoryLLM.memory_kv(self, layer_idx, hidden)
-    if torch.is_grad_enabled(): return self.prefix_kv(layer_idx, self.layer_prefix(layer_idx, hidden))  # gradients wanted: no cache
+    if R == 0: return MemoryLLM.memory_kv(self, layer_idx, hidden, query_mask)
+    if torch.is_grad_enabled(): return self.prefix_kv(layer_idx, self.layer_prefix(layer_idx, hidden, query_mask=query_mask))  # gradients wanted: no cache
     nb = 1 if self.bos_embedding is not None else 0
     key = (self._weights_key(), R)
     if getattr(self, '_stm_kv', None) is None or self._stm_kv[0] != key: self._stm_kv = (key, [None] * self.L)
@@ -156,7 +163,7 @@ def memory_kv(self:MPlus, layer_idx:int, hidden=None):
             bos_kv = self.prefix_kv(layer_idx, base[:nb]) if nb else None                          # position 0
             cache[layer_idx] = (bos_kv, self.prefix_kv(layer_idx, base[nb:], start=nb + R))        # STM at nb+R ..
         bos_kv, stm_kv = cache[layer_idx]
-        rows = self.retrieve_rows(layer_idx, hidden)                                              # [B, R, d]
+        rows = self.retrieve_rows(layer_idx, hidden, query_mask)                                  # [B, R, d]
         ret_kv = self.prefix_kv(layer_idx, rows.to(self.bos_embedding.dtype if nb else rows.dtype), start=nb)
         B = rows.shape[0]
         parts = ([bos_kv] if nb else []) + [ret_kv, stm_kv]
@@ -167,17 +174,24 @@ def clear_memory_cache(self:MPlus):
     "Forget cached prefix K/V (also refreshed automatically after writes, restores, loads and weight updates)."
     MemoryLLM.clear_memory_cache(self); self._stm_kv = None
 
-# %% ../nbs/08_mplus.ipynb #6c4f0dcc
+# %% ../nbs/08_mplus.ipynb #a477c76e
 @patch
-def forward(self:MPlus, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None, **kwargs):
-    "MemoryLLM's forward; the prefill's `attention_mask` decides which prompt tokens act as retrieval queries."
-    T = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-    self._query_mask = attention_mask[:, -T:].bool() if attention_mask is not None else None
-    try: return MemoryLLM.forward(self, input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-                                  inputs_embeds=inputs_embeds, **kwargs)
-    finally: self._query_mask = None
+def as_memoryllm(self:MPlus, seed:int|None=None, # drop seed of the view's memory; default this model's
+                 **kwargs, # more `MemoryLLM` arguments (chunk_size, min_chunk, attn_backend); default this model's
+                ) -> MemoryLLM:
+    "This M+ model as a plain `MemoryLLM`: the same weights (shared), a copy of the STM, no LTM or retriever."
+    kw = dict(chunk_size=self.chunk_size, min_chunk=self.min_chunk, attn_backend=self.attn_backend) | kwargs
+    m = MemoryLLM(self.lm, num_tokens=self.num_tokens, num_blocks=self.N // self.num_tokens, add_bos_embedding=self.bos_embedding is not None,
+                  drop_memory_per_layer=self.memory.per_layer_drop, seed=self.memory.seed if seed is None else seed, **kw)
+    m.new_memory_positional_emb = self.new_memory_positional_emb                  # shared parameters
+    if self.bos_embedding is not None: m.bos_embedding = self.bos_embedding
+    m.lora_config, m.add_decoder_lora = self.lora_config, self.add_decoder_lora
+    mem = self.memory
+    m.memory = MemoryState(mem.stm.clone(), initialized=mem.initialized, per_layer_drop=mem.per_layer_drop, seed=m.memory.seed)
+    m.memory.ages, m.memory.sources, m.memory.step = mem.ages.clone(), mem.sources.clone(), mem.step
+    return m.train(self.training)
 
-# %% ../nbs/08_mplus.ipynb #1faba28a
+# %% ../nbs/08_mplus.ipynb #71012e26
 _MPLUS_FIELDS = ('num_ltm_blocks', 'ltm_initial_size', 'update_ltm_mode', 'update_ltm_frequency', 'decay_frequency',
                  'initial_rf_when_moving_stm_to_ltm', 'add_selector', 'selector_hidden_dim', 'num_selector_layers', 'selector_layers',
                  'map_from_hidden_states', 'detach_hidden_state', 'add_encoder_retriever', 'maintain_memory_keys')
@@ -211,12 +225,11 @@ def mplus_kwargs(cfg:dict, # the checkpoint's config.json
         if f in cfg: kw[f] = cfg[f]
     return kw
 
-# %% ../nbs/08_mplus.ipynb #71012e26
+# %% ../nbs/08_mplus.ipynb #e86f54da
 @patch
 def official_state_dict(self:MPlus) -> dict:
     "MemoryLLM's official tensors (minus `initialized`) + retriever projectors + the LTM, in the mplus-8b layout."
-    sd = MemoryLLM.official_state_dict(self)
-    if getattr(self, '_base_keys_only', False): return sd
+    sd = self.memoryllm_state_dict()
     sd.pop('initialized')
     sd.update({_ckpt_name(k): v for k, v in self.retriever.state_dict().items()})
     sd.update({k: v for k, v in self.ltm.state_tensors().items() if k not in ('ltm_n_merged', 'ltm_pending')})
@@ -227,32 +240,17 @@ def load_official_state_dict(self:MPlus, sd:dict): # name -> tensor, mplus-8b la
     "Load an mplus-8b-layout state dict; every missing/unexpected key or wrong shape raises a `ValueError` naming it, before anything changes."
     want = {_ckpt_name(k): v for k, v in self.retriever.state_dict().items()}
     ltm_want = {f'{p}.{l}' for l in range(self.L) for p in ('ltm', 'ltm_keys', 'ltm_recall_frequencies', 'ltm_ages')}
-    have = {k for k in sd if _is_mplus_key(k)}
-    missing, unexpected = sorted((set(want) | ltm_want) - have), sorted(have - set(want) - ltm_want)
-    if missing or unexpected:
-        raise ValueError("M+ checkpoint does not match the model: " + (f"missing keys: {', '.join(missing[:12])}" if missing else "")
-                         + ("; " if missing and unexpected else "") + (f"unexpected keys: {', '.join(unexpected[:12])}" if unexpected else ""))
-    bad = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k, v in want.items() if sd[k].shape != v.shape]
-    if bad: raise ValueError("M+ checkpoint has retriever weights of the wrong shape: " + ', '.join(bad))
+    have = {k: v for k, v in sd.items() if _is_mplus_key(k)}
+    check_state_dict(want | {k: sd.get(k) for k in ltm_want}, have, 'M+ checkpoint', skip_shape=ltm_want)   # LTM sizes vary
     ltm = self.ltm.empty_like(); ltm.load_state_tensors({k: sd[k] for k in ltm_want})                 # validates the LTM
     base = {k: v for k, v in sd.items() if not _is_mplus_key(k)}
     base.setdefault('initialized', torch.tensor(1, dtype=torch.uint8))
-    self._base_keys_only = True
-    try: MemoryLLM.load_official_state_dict(self, base)                                                 # validates, then loads
-    finally: self._base_keys_only = False
+    self.load_memoryllm_state_dict(base)                                                                # validates, then loads
     with torch.no_grad(): self.retriever.load_state_dict({k: sd[_ckpt_name(k)] for k in self.retriever.state_dict()})
     self.memory.ltm = ltm
     self.clear_memory_cache()
 
-# %% ../nbs/08_mplus.ipynb #e86f54da
-def _file_shape(path:Path, key:str):
-    "Shape of tensor `key` in a (sharded) safetensors checkpoint directory without reading it; None if unknown."
-    from safetensors import safe_open
-    idx = path/'model.safetensors.index.json'
-    f = path/json.loads(idx.read_text())['weight_map'].get(key, '') if idx.exists() else path/'model.safetensors'
-    if not f.is_file(): return None
-    with safe_open(str(f), framework='pt') as h: return tuple(h.get_slice(key).get_shape()) if key in h.keys() else None
-
+# %% ../nbs/08_mplus.ipynb #dbd94db7
 @patch(cls_method=True)
 def from_pretrained(cls:MPlus, path, # a local M+ checkpoint directory (config.json + weights, mplus-8b layout)
                     dtype=None, # cast weights, memory and LTM to this dtype (default: as stored)
@@ -260,10 +258,8 @@ def from_pretrained(cls:MPlus, path, # a local M+ checkpoint directory (config.j
                     rope_bf16:bool=True, # round RoPE inverse frequencies to bf16, as mplus-8b was run
                     **kwargs): # more `MPlus` arguments (ltm_storage, ltm_path, ltm_policy, age_semantics, chunk_size, ...)
     "Load an official M+ checkpoint directory (or one written by `save_pretrained`)."
-    path = Path(path)
-    if not (path/'config.json').is_file(): raise ValueError(f"MPlus.from_pretrained: {path} has no config.json (only local directories are supported)")
-    cfg = json.loads((path/'config.json').read_text())
-    hid = _file_shape(path, 'model.layers.0.self_attn.query_proj.0.weight')
+    path = Path(path); cfg = read_config(path, 'MPlus.from_pretrained')
+    hid = tensor_shape(path, 'model.layers.0.self_attn.query_proj.0.weight')
     kw = mplus_kwargs(cfg, hid[0] if hid else 512) | kwargs
     model = MemoryLLM.from_pretrained.__func__(cls, path, dtype=dtype, seed=seed, rope_bf16=rope_bf16, **kw)
     model.drop_memory_per_layer = model.memory.per_layer_drop = True
@@ -271,19 +267,18 @@ def from_pretrained(cls:MPlus, path, # a local M+ checkpoint directory (config.j
     return model
 
 @patch
-def save_pretrained(self:MPlus, path, **kwargs):
-    "Write config.json + model.safetensors in the mplus-8b layout, loadable by `MPlus.from_pretrained`."
-    MemoryLLM.save_pretrained(self, path, **kwargs)
-    cfg = json.loads((Path(path)/'config.json').read_text())
+def checkpoint_config(self:MPlus) -> dict:
+    "MemoryLLM's checkpoint config plus the M+ fields of the mplus-8b layout."
+    cfg = MemoryLLM.checkpoint_config(self)
     cfg.update(getattr(self, 'mplus_config', {}))
     cfg.update(num_ltm_blocks=self.num_ltm_blocks, update_ltm_mode='immediate', update_ltm_frequency=self.update_ltm_frequency,
                decay_frequency=self.decay_frequency, initial_rf_when_moving_stm_to_ltm=self.initial_rf_when_moving_stm_to_ltm,
                add_selector=True, selector_hidden_dim=self.retriever.dk, num_selector_layers=len(self.retriever.layers[0].query_proj) // 2 + 1,
                map_from_hidden_states=True, detach_hidden_state=True,
                add_encoder_retriever=hasattr(self.retriever.layers[0], 'encoder_query_proj'), ltm_initial_size=self.ltm.size(0))
-    with atomic_path(Path(path)/'config.json') as tmp: tmp.write_text(json.dumps(cfg, indent=2, default=str))
+    return cfg
 
-# %% ../nbs/08_mplus.ipynb #e16fc05e
+# %% ../nbs/08_mplus.ipynb #faf093ac
 @patch
 def related_slots(self:MPlus, writes) -> torch.Tensor: # writes: write ids, as returned by `inject`
     "[L, N] bool: True for STM slots that came from one of `writes` (the retriever's positive labels)."
@@ -295,11 +290,8 @@ def slot_weights(self:MPlus, input_ids, # [B, T] target tokens
                  labels=None, # passed to the forward (LM loss)
                 ) -> tuple:
     "Read forward over `input_ids`; returns (output, w) with w[l] [B, N] = retrieval weights of layer l's STM slots per text."
-    inputs = []
-    hooks = [layer.register_forward_pre_hook(lambda mod, args: inputs.append(args[0])) for layer in self.layers]
-    try: out = self(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-    finally:
-        for h in hooks: h.remove()
+    inputs = []                                                                   # each layer's input [B, T, d]
+    out = self(input_ids=input_ids, attention_mask=attention_mask, labels=labels, layer_inputs=inputs)
     mask = attention_mask.bool() if attention_mask is not None else None
     ws = []
     for l, (layer, h) in enumerate(zip(self.layers, inputs)):

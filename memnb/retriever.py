@@ -57,17 +57,17 @@ def retrieve(queries, # [T, dk] query projections of one prompt's tokens
              keys, # [M, dk] LTM keys (CPU is fine; only scores travel)
              ages, # [M] ages of the LTM entries
              k:int, # rows to return (`num_ltm_blocks*num_tokens`)
-            ) -> torch.Tensor: # [k] int64 row indices, oldest first ([0] if M == 0)
-    "Top-k LTM rows by mean-sigmoid score, cycled to fill `k` when the LTM holds fewer, then ordered oldest first."
+            ) -> torch.Tensor: # [k] int64 row indices, oldest first, equal ages by descending row index ([0] if M == 0)
+    "Top-k LTM rows by mean-sigmoid score (cycled to fill `k`), ordered as M+ does: by age descending, ties by descending index."
     check_tensor(queries, 'queries', 'retrieve', ndim=2); check_tensor(keys, 'keys', 'retrieve', ndim=2)
     M = keys.shape[0]
     if ages.shape != (M,): raise ValueError(f"retrieve: `ages` must have shape ({M},), got {tuple(ages.shape)}")
     if M == 0 or k == 0: return torch.zeros(0, dtype=torch.long)
     _, idx = topk_mean_sigmoid(queries, keys.to(queries.dtype), min(k, M))  # [min(k, M)] best first
     idx = idx.cpu()
-    if M < k: idx = idx[torch.arange(k) % M]  # cycle, as the reference does
-    order = torch.sort(ages[idx].cpu(), descending=True, stable=True).indices
-    return idx[order]
+    if M < k: idx = idx[torch.arange(k) % M]  # cycle in score order to fill all k positions
+    idx = idx.sort().values  # ascending row index, as the reference does before ordering by age
+    return idx[torch.sort(ages[idx].cpu(), stable=True).indices.flip(0)]  # numpy's `argsort(ages)[::-1]`, made stable
 
 # %% ../nbs/07_retriever.ipynb #bf437abe
 def retrieval_weights(queries, # [T, dk] query projections of the target tokens

@@ -95,9 +95,4 @@ def load_tiny(kind:str='mplus', # 'mplus' or 'memoryllm' (same weights, no LTM)
     mp = MPlus.from_pretrained(path, dtype=torch.float32, seed=seed, rope_bf16=False, ltm_policy='cap', ltm_cap=1 << 20,
                                chunk_size=CHUNK)
     if kind == 'mplus': return mp.eval()
-    m = MemoryLLM(mp.lm, num_tokens=mp.num_tokens, num_blocks=mp.N // mp.num_tokens, drop_memory_per_layer=True,
-                  chunk_size=CHUNK, seed=seed)
-    with torch.no_grad():
-        m.new_memory_positional_emb.copy_(mp.new_memory_positional_emb); m.bos_embedding.copy_(mp.bos_embedding)
-        m.memory.stm.copy_(mp.memory.stm); m.memory.initialized = mp.memory.initialized
-    return m.eval()
+    return mp.as_memoryllm().eval()

@@ -8,7 +8,8 @@ PY="$VENV/bin/python"
 # torch first: the CPU wheel. A bare `torch` requirement would pull a multi-GB CUDA build.
 "$PY" -c 'import torch' 2>/dev/null || "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "is ignored" || true
 "$PY" -c 'import torch' # fail here, clearly, if torch did not install
-"$PY" -m pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v "is ignored" || true
+# MEMNB_PIN: extra requirements pinned on top (the CI's lowest-versions venv: "transformers==5.0.0")
+"$PY" -m pip install -q --disable-pip-version-check -e ".[dev]" ${MEMNB_PIN:-} 2>&1 | grep -v "is ignored" || true
 "$PY" -c 'import memnb, nbdev' # fail here, clearly, if the project did not install
 export PATH="$PWD/$VENV/bin:$PATH"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"

@@ -17,7 +17,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def small_run(tmp_path_factory, model_dir):
-    out = run_experiment('retention', dict(SMALL, model=model_dir), out_dir=tmp_path_factory.mktemp('ret'), html=False, progress=False)
+    params = dict(SMALL, model=model_dir, require_recall=not model_dir)   # the untrained stand-in cannot pass the recall check
+    out = run_experiment('retention', params, out_dir=tmp_path_factory.mktemp('ret'), html=False, progress=False)
     return out, json.loads((out/'retention.json').read_text())
 
 def test_retention_small(small_run):
@@ -70,3 +71,31 @@ def test_distractor_share_is_checked(tmp_path):
     import papermill as pm
     with pytest.raises(pm.PapermillExecutionError, match='distractor_facts'):
         run_experiment('retention', dict(distractor_facts=1.5), out_dir=tmp_path, html=False, progress=False)
+
+@pytest.fixture(scope='module')
+def untrained(tmp_path_factory):
+    "A tiny model that was never trained: it writes into memory but cannot recall, like a broken generation path."
+    d = tmp_path_factory.mktemp('untrained')
+    tiny.save_tiny(tiny.build_tiny(seed=0, num_hidden_layers=1), d, command='untrained (test)')
+    return str(d)
+
+def test_no_recall_at_t0_stops_the_run(untrained, tmp_path, capsys):
+    "A memory that recalls no more than the baseline at t=0 stops the notebook, and `memnb run` prints why and exits 2."
+    import torch, transformers
+    out = tmp_path/'run'
+    assert main(['run', 'retention', '-p', 'model', untrained, '-p', 'n_facts', '3', '-p', 'distances', '[0]',
+                 '-p', 'prefill', '1', '-o', str(out), '--no-html']) == 2
+    err = capsys.readouterr().err
+    assert 'retention stopped: RuntimeError: retention: right after writing the facts, MemoryLLM 0/3' in err, err
+    assert 'not clearly more than the 0/3 answered without memory' in err and 'generation does not read the memory' in err, err
+    assert f'torch {torch.__version__} / transformers {transformers.__version__}' in err, err
+    assert str(out) in err and (out/'retention.ipynb').exists() and not (out/'retention.json').exists()
+
+def test_recall_check_can_be_turned_off(untrained, tmp_path):
+    "`require_recall=False` lets an untrained stand-in run the protocol to the end."
+    run_experiment('retention', dict(model=untrained, n_facts=2, distances=[0, 1], prefill=1, require_recall=False),
+                   out_dir=tmp_path, html=False, progress=False)
+    r = json.loads((tmp_path/'retention.json').read_text())
+    assert r['distances'] == [0, 1] and r['results']['MemoryLLM']['0']['n'] == 2
+    with pytest.raises(ValueError, match="parameter 'require_recall' must be bool"):
+        run_experiment('retention', dict(require_recall=1), out_dir=tmp_path/'x', html=False)

@@ -10,6 +10,8 @@
 #include <cstring>
 #include <vector>
 #include <cstdlib>
+#include <cmath>
+#include <limits>
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
@@ -89,7 +91,8 @@ inline A dot(const G* __restrict a, const V* __restrict b, int64_t D) {
 template <typename I>
 void check_indices(const I* idx, int64_t n, int64_t N, const char* op) {
   for (int64_t e = 0; e < n; ++e)
-    TORCH_CHECK_INDEX(idx[e] >= 0 && idx[e] < N, op, ": index ", int64_t(idx[e]), " out of range for `values` with ", N, " rows");
+    TORCH_CHECK_INDEX(idx[e] >= 0 && idx[e] < N, op, ": `idx` contains ", int64_t(idx[e]), ", out of range for `values` with ",
+                      N, " rows (valid: 0 <= idx < ", N, ")");
 }
 
 static void check_bag(const Tensor& values, const Tensor& idx, const Tensor& weights, const char* op) {
@@ -341,7 +344,8 @@ Tensor pool_drop_append_inplace_cpu(Tensor pool, const Tensor& nw_, const Tensor
 // Keys are scored tile by tile: a GEMM of the queries with one tile of keys into a reused [Q, tile] buffer,
 // sigmoid in place, mean over the queries; then the tile's candidates are merged into a running top-k
 // (nth_element on (score desc, index asc)). Memory: the buffer plus k candidates, never Q x M. The GEMM and the
-// elementwise ops are ATen's multi-threaded kernels; the merge is O(tile + k) per tile.
+// elementwise ops are ATen's multi-threaded kernels; the merge is O(tile + k) per tile. A NaN score is ranked (and
+// returned) as -inf: NaN in a comparator is undefined behaviour, and as -inf it never beats a finite score.
 template <typename A>
 struct Better {
   bool operator()(const std::pair<A, int64_t>& a, const std::pair<A, int64_t>& b) const {
@@ -367,7 +371,8 @@ void topk_tiles(const Tensor& q, const Tensor& keys, int64_t k, int64_t tile, Te
     auto tsn = ts.narrow(0, 0, n);
     at::mean_out(tsn, b, {0}, false);
     const A* sp = tsn.data_ptr<A>();
-    for (int64_t j = 0; j < n; ++j) best.emplace_back(sp[j], s + j);
+    constexpr A ninf = -std::numeric_limits<A>::infinity();
+    for (int64_t j = 0; j < n; ++j) best.emplace_back(std::isnan(sp[j]) ? ninf : sp[j], s + j);
     if (int64_t(best.size()) > k) {
       std::nth_element(best.begin(), best.begin() + k, best.end(), better);
       best.resize(k);
@@ -389,7 +394,7 @@ std::tuple<Tensor, Tensor> topk_mean_sigmoid_cpu(const Tensor& queries, const Te
               ": `queries` and `keys` must share one floating dtype");
   TORCH_CHECK(keys.device().is_cpu() && queries.device().is_cpu(), op, ": CPU kernel called with non-CPU tensors");
   const int64_t M = keys.size(0), Q = queries.size(0);
-  TORCH_CHECK(k >= 0 && k <= M, op, ": k=", k, " must be in [0, M=", M, "]");
+  TORCH_CHECK_VALUE(k >= 0 && k <= M, op, ": k=", k, " must be in [0, M=", M, "]");
   const auto acc = queries.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto q = queries.to(acc).contiguous();
   auto kk = keys.contiguous();
@@ -397,8 +402,8 @@ std::tuple<Tensor, Tensor> topk_mean_sigmoid_cpu(const Tensor& queries, const Te
   // tile so the [Q, tile] buffer stays around 4 MiB (cache-resident), within [256, 4096] keys
   const int64_t tile = std::max<int64_t>(256, std::min<int64_t>(4096, (int64_t(1) << 20) / std::max<int64_t>(Q, 1)));
   if (k == 0 || M == 0) return {at::empty({0}, queries.options()), index};
-  if (Q == 0) {  // mean over no queries is NaN for every key, like the reference
-    return {at::full({k}, NAN, queries.options()), at::arange(k, index.options())};
+  if (Q == 0) {  // mean over no queries is NaN for every key, ranked as -inf (ties: index order), like the reference
+    return {at::full({k}, -INFINITY, queries.options()), at::arange(k, index.options())};
   }
   if (acc == at::kDouble) topk_tiles<double>(q, kk, k, tile, scores, index);
   else topk_tiles<float>(q, kk, k, tile, scores, index);

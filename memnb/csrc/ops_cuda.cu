@@ -68,8 +68,8 @@ static void check_bag_cuda(const Tensor& values, const Tensor& idx, const Tensor
   if (idx.numel()) {  // one reduction + sync; an out-of-range row would be an illegal memory access
     auto mm = at::aminmax(idx);
     const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
-    TORCH_CHECK_INDEX(lo >= 0 && hi < values.size(0), op, ": index ", (lo < 0 ? lo : hi), " out of range for `values` with ",
-                      values.size(0), " rows");
+    TORCH_CHECK_INDEX(lo >= 0 && hi < values.size(0), op, ": `idx` contains ", (lo < 0 ? lo : hi),
+                      ", out of range for `values` with ", values.size(0), " rows (valid: 0 <= idx < ", values.size(0), ")");
   }
 }
 
@@ -263,14 +263,16 @@ Tensor pool_drop_append_inplace_cuda(Tensor pool, const Tensor& nw, const Tensor
 // ---------------------------------------------------------------- topk_mean_sigmoid
 // Per key tile: cuBLAS GEMM into a reused [Q, tile] buffer (the best route for the GEMM), then a fused kernel takes
 // the column mean of the sigmoid and writes the tile's M-scores; one stable descending sort of the M scores (ties:
-// lower index first) gives the top k. Keys on the CPU are streamed to the GPU tile by tile.
+// lower index first) gives the top k. Keys on the CPU are streamed to the GPU tile by tile. A NaN score is written
+// as -inf, so it sorts after every finite score (and ties with other -inf scores by index), like the CPU kernel.
 template <typename A>
 __global__ void sigmoid_colmean_kernel(const A* __restrict__ buf, A* __restrict__ out, int64_t Q, int64_t n) {
   const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= n) return;
   A s = 0;
   for (int64_t q = 0; q < Q; ++q) s += A(1) / (A(1) + exp(-buf[q * n + j]));
-  out[j] = s / A(Q);
+  const A m = s / A(Q);
+  out[j] = isnan(m) ? A(-INFINITY) : m;
 }
 
 std::tuple<Tensor, Tensor> topk_mean_sigmoid_cuda(const Tensor& queries, const Tensor& keys, int64_t k) {
@@ -283,7 +285,7 @@ std::tuple<Tensor, Tensor> topk_mean_sigmoid_cuda(const Tensor& queries, const T
               ": keys must be on the queries' CUDA device or on the CPU");
   c10::cuda::CUDAGuard guard(queries.device());
   const int64_t M = keys.size(0), Q = queries.size(0);
-  TORCH_CHECK(k >= 0 && k <= M, op, ": k=", k, " must be in [0, M=", M, "]");
+  TORCH_CHECK_VALUE(k >= 0 && k <= M, op, ": k=", k, " must be in [0, M=", M, "]");
   TORCH_CHECK(Q > 0, op, ": `queries` has no rows");
   const auto acc = queries.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto q = queries.to(acc).contiguous();

@@ -1,4 +1,6 @@
-// memnb::pkm_retrieve — fused product-key retrieval (CPU kernel + schema).
+// memnb::_pkm_fwd / memnb::_pkm_bwd — fused product-key retrieval (CPU kernels + private schemas). The public op
+// memnb::pkm_retrieve (and memnb::pkm_retrieve_backward) is a torch.library custom op defined in nbs/09_pkm_ops.ipynb
+// whose body calls these, so importing memnb never compiles anything.
 //
 // q[T,H,2,dh], subkeys[H,2,n,dh], k  ->  scores[T,H,k] (sorted, descending), idx[T,H,k] int64 (slot = row*n + col)
 //
@@ -6,7 +8,7 @@
 // small buffer, each row gets a partial top-k (ties -> lower index), then only the candidate pairs (i, j) with
 // (i+1)(j+1) <= k are scored (119 instead of k^2 = 1024 for k = 32), and a final top-k picks the k best slots
 // (ties -> lower slot id). Neither the [T,H,2,n] scores nor the [T,H,k^2] candidates are ever materialised.
-// The schema lives in the shared `memnb` namespace as a FRAGMENT, so other memnb extensions can add their own ops.
+// The schemas live in the shared `memnb` namespace as a FRAGMENT, so other memnb extensions can add their own ops.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -31,6 +33,33 @@ void check_args(const at::Tensor& q, const at::Tensor& subkeys, int64_t k) {
   TORCH_CHECK_VALUE(q.scalar_type() == subkeys.scalar_type(), "pkm_retrieve: `q` dtype ", q.scalar_type(),
                     " differs from `subkeys` dtype ", subkeys.scalar_type());
   TORCH_CHECK_VALUE(q.device() == subkeys.device(), "pkm_retrieve: `q` and `subkeys` are on different devices");
+}
+
+// Shapes, dtypes and index range of pkm_retrieve_backward's arguments, for the CPU and the CUDA kernel alike: every
+// slot id must be in [0, n^2), else row = id / n or col = id % n would read (and write) outside `subkeys`.
+// One aminmax over `idx` (on a GPU: one reduction and a sync) before anything is read.
+void check_backward_args(const at::Tensor& g, const at::Tensor& q, const at::Tensor& subkeys, const at::Tensor& idx) {
+  const char* op = "pkm_retrieve_backward";
+  TORCH_CHECK_VALUE(q.dim() == 4 && q.size(2) == 2, op, ": `q` must have shape [T, H, 2, dh], got ", q.sizes());
+  TORCH_CHECK_VALUE(subkeys.dim() == 4 && subkeys.size(1) == 2 && subkeys.size(0) == q.size(1) &&
+                        subkeys.size(3) == q.size(3),
+                    op, ": `subkeys` must have shape [H, 2, n, dh] matching `q` ", q.sizes(), ", got ", subkeys.sizes());
+  TORCH_CHECK_VALUE(idx.dim() == 3 && g.sizes() == idx.sizes() && idx.size(0) == q.size(0) && idx.size(1) == q.size(1),
+                    op, ": `grad_scores` ", g.sizes(), " and `idx` ", idx.sizes(),
+                    " must both be [T, H, k] with T, H from `q` ", q.sizes());
+  TORCH_CHECK_VALUE(idx.scalar_type() == at::kLong, op, ": `idx` must be int64, got ", idx.scalar_type());
+  TORCH_CHECK_VALUE(g.scalar_type() == q.scalar_type() && subkeys.scalar_type() == q.scalar_type(), op,
+                    ": `grad_scores`, `q` and `subkeys` must share one dtype, got ", g.scalar_type(), ", ",
+                    q.scalar_type(), ", ", subkeys.scalar_type());
+  TORCH_CHECK_VALUE(g.device() == q.device() && subkeys.device() == q.device() && idx.device() == q.device(), op,
+                    ": `grad_scores`, `q`, `subkeys` and `idx` must be on one device");
+  const int64_t n = subkeys.size(2);
+  if (idx.numel() == 0) return;
+  auto mm = at::aminmax(idx);
+  const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
+  TORCH_CHECK_INDEX(lo >= 0 && hi < n * n, op, ": `idx` contains ", (lo < 0 ? lo : hi),
+                    ", out of range for the n^2 = ", n * n, " slots of `subkeys` ", subkeys.sizes(),
+                    " (valid: 0 <= idx < ", n * n, ")");
 }
 
 template <typename acc_t>
@@ -171,10 +200,8 @@ std::tuple<at::Tensor, at::Tensor> pkm_retrieve_cpu(const at::Tensor& q_, const 
 // visited in order: deterministic, lock-free)
 std::tuple<at::Tensor, at::Tensor> pkm_retrieve_backward_cpu(const at::Tensor& g_, const at::Tensor& q_,
                                                              const at::Tensor& subkeys_, const at::Tensor& idx_) {
+  check_backward_args(g_, q_, subkeys_, idx_);
   const int64_t T = q_.size(0), H = q_.size(1), dh = q_.size(3), n = subkeys_.size(2), k = idx_.size(2);
-  TORCH_CHECK_VALUE(g_.sizes() == idx_.sizes() && idx_.dim() == 3 && idx_.size(0) == T && idx_.size(1) == H,
-                    "pkm_retrieve_backward: `grad_scores` ", g_.sizes(), " and `idx` ", idx_.sizes(),
-                    " must both be [T, H, k] with T, H from `q` ", q_.sizes());
   at::Tensor gq_out, gk_out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q_.scalar_type(), "pkm_retrieve_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -232,11 +259,11 @@ std::tuple<at::Tensor, at::Tensor> pkm_retrieve_backward_cpu(const at::Tensor& g
 }  // namespace memnb_pkm
 
 TORCH_LIBRARY_FRAGMENT(memnb, m) {
-  m.def("pkm_retrieve(Tensor q, Tensor subkeys, int k) -> (Tensor, Tensor)");
-  m.def("pkm_retrieve_backward(Tensor grad_scores, Tensor q, Tensor subkeys, Tensor idx) -> (Tensor, Tensor)");
+  m.def("_pkm_fwd(Tensor q, Tensor subkeys, int k) -> (Tensor, Tensor)");
+  m.def("_pkm_bwd(Tensor grad_scores, Tensor q, Tensor subkeys, Tensor idx) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(memnb, CPU, m) {
-  m.impl("pkm_retrieve", &memnb_pkm::pkm_retrieve_cpu);
-  m.impl("pkm_retrieve_backward", &memnb_pkm::pkm_retrieve_backward_cpu);
+  m.impl("_pkm_fwd", &memnb_pkm::pkm_retrieve_cpu);
+  m.impl("_pkm_bwd", &memnb_pkm::pkm_retrieve_backward_cpu);
 }

@@ -1,4 +1,4 @@
-// memnb::pkm_retrieve — CUDA kernels (the schema is defined in pkm_retrieve.cpp).
+// memnb::_pkm_fwd / memnb::_pkm_bwd — CUDA kernels (the schemas are defined in pkm_retrieve.cpp).
 // One block per (token, head). The 2 half-score rows live in shared memory; top-k selection is rank-based
 // (each element counts how many elements beat it under the strict order "higher score, then lower id", so ranks
 // are unique and the result is deterministic); only the pruned pairs (i+1)(j+1) <= k are scored.
@@ -12,6 +12,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 #include <vector>
+
+namespace memnb_pkm {
+// pkm_retrieve.cpp (host): shapes, dtypes, devices and the slot-id range [0, n^2) of the backward's arguments
+void check_backward_args(const at::Tensor& g, const at::Tensor& q, const at::Tensor& subkeys, const at::Tensor& idx);
+}  // namespace memnb_pkm
 
 namespace memnb_pkm_cuda {
 
@@ -118,8 +123,9 @@ std::tuple<at::Tensor, at::Tensor> pkm_retrieve_cuda(const at::Tensor& q_, const
 
 std::tuple<at::Tensor, at::Tensor> pkm_retrieve_backward_cuda(const at::Tensor& g_, const at::Tensor& q_,
                                                               const at::Tensor& subkeys_, const at::Tensor& idx_) {
-  const int64_t T = q_.size(0), H = q_.size(1), dh = q_.size(3), n = subkeys_.size(2), k = idx_.size(2);
   c10::cuda::CUDAGuard guard(q_.device());
+  memnb_pkm::check_backward_args(g_, q_, subkeys_, idx_);  // an out-of-range slot id would be an illegal access
+  const int64_t T = q_.size(0), H = q_.size(1), dh = q_.size(3), n = subkeys_.size(2), k = idx_.size(2);
   auto g = g_.contiguous();
   auto q = q_.contiguous();
   auto K = subkeys_.contiguous();
@@ -145,6 +151,6 @@ std::tuple<at::Tensor, at::Tensor> pkm_retrieve_backward_cuda(const at::Tensor& 
 }  // namespace memnb_pkm_cuda
 
 TORCH_LIBRARY_IMPL(memnb, CUDA, m) {
-  m.impl("pkm_retrieve", &memnb_pkm_cuda::pkm_retrieve_cuda);
-  m.impl("pkm_retrieve_backward", &memnb_pkm_cuda::pkm_retrieve_backward_cuda);
+  m.impl("_pkm_fwd", &memnb_pkm_cuda::pkm_retrieve_cuda);
+  m.impl("_pkm_bwd", &memnb_pkm_cuda::pkm_retrieve_backward_cuda);
 }
