@@ -138,7 +138,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'memnb.layers.ValuePool.extra_repr': ('layers.html#valuepool.extra_repr', 'memnb/layers.py'),
                               'memnb.layers.ValuePool.forward': ('layers.html#valuepool.forward', 'memnb/layers.py'),
                               'memnb.layers._decoder_layers': ('layers.html#_decoder_layers', 'memnb/layers.py'),
-                              'memnb.layers._read_state_dict': ('layers.html#_read_state_dict', 'memnb/layers.py'),
                               'memnb.layers.add_memory_layers': ('layers.html#add_memory_layers', 'memnb/layers.py'),
                               'memnb.layers.clip_memory_grad_norm_': ('layers.html#clip_memory_grad_norm_', 'memnb/layers.py'),
                               'memnb.layers.load_memory_model': ('layers.html#load_memory_model', 'memnb/layers.py'),

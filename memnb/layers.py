@@ -11,7 +11,7 @@ import os, json, math
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
-from safetensors.torch import load_file
+from .checkpoint import read_weights, check_state_dict
 from .ops import embedding_bag_wsum
 from .pkm_ops import pkm_retrieve, pkm_retrieve_reference
 
@@ -169,16 +169,6 @@ def add_memory_layers(model:nn.Module, # a Llama-family `transformers` causal LM
     return model
 
 # %% ../nbs/10_layers.ipynb #83988a0f
-def _read_state_dict(path:Path) -> dict:
-    "All tensors of a `save_pretrained` folder (single or sharded safetensors)."
-    index = path/'model.safetensors.index.json'
-    files = sorted(set(json.loads(index.read_text())['weight_map'].values())) if index.exists() else ['model.safetensors']
-    sd = {}
-    for f in files:
-        if not (path/f).exists(): raise ValueError(f"load_memory_model: {path/f} is missing")
-        sd.update(load_file(str(path/f)))
-    return sd
-
 def load_memory_model(path, # a folder written by `model.save_pretrained` after `add_memory_layers`
                       dtype=None, # cast the model to this dtype
                      ) -> nn.Module:
@@ -190,13 +180,12 @@ def load_memory_model(path, # a folder written by `model.save_pretrained` after 
     if not spec: raise ValueError(f"load_memory_model: {path}/config.json has no `memory_layers` entry")
     model = AutoModelForCausalLM.from_config(config)
     add_memory_layers(model, **spec)
-    sd = _read_state_dict(path)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    sd = read_weights(path, 'load_memory_model')
     own = model.state_dict()
     loaded_ptrs = {own[k].data_ptr() for k in sd if k in own}
-    missing = [k for k in missing if own[k].data_ptr() not in loaded_ptrs]   # tied copies (lm_head) are fine
-    if missing or unexpected:
-        raise ValueError(f"load_memory_model: {path} does not match the rebuilt model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    tied = {k for k in own if k not in sd and own[k].data_ptr() in loaded_ptrs}   # tied copies (lm_head) are fine
+    check_state_dict(own, sd, f'load_memory_model: {path}', optional=tied)
+    model.load_state_dict(sd, strict=False)
     return model.to(dtype) if dtype is not None else model
 
 # %% ../nbs/10_layers.ipynb #0b2120d7

@@ -28,7 +28,10 @@ python -m pytest -n "${PYTEST_WORKERS:-2}" -p no:cacheprovider "$@" tests
 # The low end of the declared window: the transformers-facing tests again on the lowest transformers.
 LOW=$(python -c 'import re, tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print(next(re.search(r">=\s*([\w.]+)", d).group(1) for d in deps if re.match(r"transformers\b", d)))')
 echo "lowest declared transformers: $LOW; model tests in .venv-low"
+# its own kernel cache: torch's JIT build flags name the venv, so a shared cache would rebuild on every switch
+export TORCH_EXTENSIONS_DIR="$PWD/.cache/torch_extensions_low"
 VENV=.venv-low MEMNB_PIN="transformers==$LOW" source scripts/setup.sh
+python -c 'import memnb.ops as o; print("memnb.ops backend:", o.backend("embedding_bag_wsum"))'
 python -c "import torch, transformers; assert transformers.__version__ == '$LOW', transformers.__version__; print('low window end: torch', torch.__version__, 'transformers', transformers.__version__)"
-python -m pytest -n "${PYTEST_WORKERS:-2}" -p no:cacheprovider "$@" tests/test_notebooks.py tests/test_retention.py \
-  -k "03a_hf or 04_memoryllm or 05_train or 08_mplus or 15_tiny or retention"
+python -m pytest -n "${PYTEST_WORKERS:-2}" -p no:cacheprovider "$@" tests/test_notebooks.py tests/test_retention.py tests/test_cli.py \
+  -k "03a_hf or 03b_lora or 03c_checkpoint or 04_memoryllm or 05_train or 08_mplus or 15_tiny or retention or test_cli"
