@@ -6,7 +6,7 @@
 __all__ = ['SUPPORTED_ARCHS', 'check_arch', 'MemoryLLM']
 
 # %% ../nbs/04_memoryllm.ipynb #5a7093bf
-import json, math, contextlib
+import json, math, re, warnings, contextlib
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 from fastcore.basics import patch
@@ -17,7 +17,7 @@ from .pool import MemoryState, Dropped, weights_fingerprint
 from .hf import (MemoryCache, decoder_layer, check_decoder, rotary, apply_rope, lm_output, pop_cache,
                       generate_with_cache, no_init_weights)
 from .lora import LoraLinear, lora_targets, attach_lora, set_adapter, use_adapter
-from .checkpoint import read_config, config_field, read_weights, check_state_dict, write_checkpoint
+from .checkpoint import read_config, config_field, read_weights, check_state_dict, write_checkpoint, write_tokenizer, read_tokenizer
 
 # %% ../nbs/04_memoryllm.ipynb #b69bc81a
 SUPPORTED_ARCHS = ('llama', 'qwen2')
@@ -54,6 +54,7 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
                  min_chunk:int=16, # shorter chunks are refused
                  attn_backend:str='sdpa', # 'sdpa' or 'flash' (flash-attn, CUDA)
                  memory:MemoryState|None=None, # an existing memory; default a fresh, uninitialised pool
+                 tokenizer=None, # the model's tokenizer: text in (`inject`), text out (`ask`); saved with the model
                 ):
         check_arch(lm.config, lm); check_decoder(lm)
         for name, v in (('num_tokens', num_tokens), ('num_blocks', num_blocks), ('chunk_size', chunk_size)):
@@ -81,6 +82,7 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         self.lora_config, self.add_decoder_lora = None, add_decoder_lora
         if lora_config is not None: self.add_lora(**lora_config, add_decoder_lora=add_decoder_lora)
         self._kv = None  # (key, [(k, v) per layer]) memory-prefix K/V for reading, per memory/weights version
+        self.tokenizer = tokenizer
 
     @property
     def layers(self): return self.lm.model.layers
@@ -279,22 +281,60 @@ def update_memory(self:MemoryLLM, delta:torch.Tensor, # [L, K, d] new states fro
     with torch.no_grad(): return self.memory.write(delta)
 
 @patch
-def _chunks(self:MemoryLLM, ids, tokenizer=None, chunk_size=None, min_chunk=None):
-    if isinstance(ids, str):
-        if tokenizer is None: raise ValueError("MemoryLLM.inject: pass `tokenizer=` to inject text")
-        ids = tokenizer(ids, add_special_tokens=False, return_tensors='pt').input_ids
-    ids = torch.as_tensor(ids)
-    if ids.dim() == 2 and ids.shape[0] == 1: ids = ids[0]
-    if ids.dim() != 1: raise ValueError(f"MemoryLLM.inject: token ids must have shape [T] or [1, T], got {tuple(ids.shape)}")
+def _tok(self:MemoryLLM, tokenizer=None, who:str='MemoryLLM'):
+    "The tokenizer to use: the one passed, else the model's own."
+    tok = tokenizer if tokenizer is not None else self.tokenizer
+    if tok is None: raise ValueError(f"{who}: this model has no tokenizer; pass `tokenizer=` (or token ids), or attach one: model.tokenizer = tok")
+    return tok
+
+@patch
+def split_text(self:MemoryLLM, text:str, # the text to write
+               tokenizer=None, # default the model's own
+               chunk_size:int|None=None, # most tokens per piece; default self.chunk_size
+               min_chunk:int|None=None, # fewest tokens per piece; default self.min_chunk
+              ) -> list: # token ids [T_i] per piece
+    "Token ids of `text` in pieces of at most `chunk_size` tokens, cut at whitespace (inside a word only if one word is longer)."
+    tok = self._tok(tokenizer, 'MemoryLLM.split_text')
     cs, mc = chunk_size or self.chunk_size, min_chunk if min_chunk is not None else self.min_chunk
-    chunks = list(ids.split(cs))
+    enc = lambda t: tok(t, add_special_tokens=False).input_ids
+    words = [w for w in re.split(r'(?<=\s)(?=\S)', text) if w]                  # each word keeps its trailing whitespace
+    groups, cur, n = [], [], 0
+    for w in words:
+        k = len(enc(w))
+        if cur and n + k > cs: groups.append(cur); cur, n = [], 0
+        cur.append(w); n += k
+    if cur: groups.append(cur)
+    if len(groups) > 1 and len(enc(''.join(groups[-1]))) < mc:                     # rebalance a short tail with its neighbour
+        both = groups[-2] + groups[-1]; lens = [len(enc(w)) for w in both]
+        cut = min(range(1, len(both)), key=lambda i: abs(sum(lens[:i]) - sum(lens[i:])))
+        groups[-2:] = [both[:cut], both[cut:]]
+    pieces = []
+    while groups:
+        g = groups.pop(0); ids = enc(''.join(g))
+        if len(ids) > cs and len(g) > 1:                                           # tokenised together it came out longer:
+            groups[:0] = [g[:-1], g[-1:] + (groups.pop(0) if groups else [])]      # move its last word on
+            continue
+        pieces += [torch.tensor(ids[i:i + cs], dtype=torch.long) for i in range(0, len(ids), cs)]  # one over-long word: cut
+    return pieces
+
+@patch
+def _chunks(self:MemoryLLM, ids, tokenizer=None, chunk_size=None, min_chunk=None):
+    cs, mc = chunk_size or self.chunk_size, min_chunk if min_chunk is not None else self.min_chunk
+    if isinstance(ids, str):
+        chunks = self.split_text(ids, self._tok(tokenizer, 'MemoryLLM.inject'), cs, mc); T = sum(len(c) for c in chunks)
+    else:
+        ids = torch.as_tensor(ids)
+        if ids.dim() == 2 and ids.shape[0] == 1: ids = ids[0]
+        if ids.dim() != 1: raise ValueError(f"MemoryLLM.inject: token ids must have shape [T] or [1, T], got {tuple(ids.shape)}")
+        chunks, T = list(ids.split(cs)), len(ids)
+    if not chunks: raise ValueError("MemoryLLM.inject: nothing to write (empty text)")
     for i, c in enumerate(chunks):
-        if len(c) < mc: raise ValueError(f"MemoryLLM.inject: chunk {i} has {len(c)} tokens, fewer than min_chunk={mc} (text of {len(ids)} tokens, chunk_size={cs})")
+        if len(c) < mc: raise ValueError(f"MemoryLLM.inject: chunk {i} has {len(c)} tokens, fewer than min_chunk={mc} (text of {T} tokens, chunk_size={cs})")
     return chunks
 
 @patch
-def inject(self:MemoryLLM, text_or_ids, # a string (needs `tokenizer`) or token ids [T] / [1, T]
-           tokenizer=None, # tokenizer for text (called with add_special_tokens=False)
+def inject(self:MemoryLLM, text_or_ids, # a string, or token ids [T] / [1, T]
+           tokenizer=None, # tokenizer for text (called with add_special_tokens=False); default the model's own
            chunk_size:int|None=None, # tokens per chunk; default self.chunk_size (512)
            min_chunk:int|None=None, # shortest allowed chunk; default self.min_chunk (16)
            progress:bool=True, # show a tqdm bar over chunks
@@ -311,7 +351,8 @@ def inject(self:MemoryLLM, text_or_ids, # a string (needs `tokenizer`) or token 
     except BaseException:
         self.memory.restore(snap); raise
     if isinstance(text_or_ids, str):
-        for i, c in zip(ids, chunks): self.memory.texts[i] = tokenizer.decode(c[:64])
+        tok = self._tok(tokenizer)
+        for i, c in zip(ids, chunks): self.memory.texts[i] = tok.decode(c[:64])
     return ids
 
 # %% ../nbs/04_memoryllm.ipynb #dfa52d4d
@@ -328,10 +369,30 @@ def generate(self:MemoryLLM, inputs=None, # [B, T] prompt token ids (or pass `in
         am = kwargs.get('attention_mask')
         if am is not None and tuple(am.shape) != tuple(ids.shape):
             raise ValueError(f"MemoryLLM.generate: attention_mask must have the prompt's shape {tuple(ids.shape)}, got {tuple(am.shape)}")
+        eos = kwargs.get('eos_token_id', self.generation_config.eos_token_id)
+        if eos is not None:
+            last = ids[:, -1] if am is None else ids[:, -1][am[:, -1].bool()]
+            if torch.isin(last, torch.as_tensor(eos, device=ids.device).flatten()).any():
+                warnings.warn("MemoryLLM.generate: a prompt ends in the eos token, so the model starts answering after "
+                              "'end of text'; tokenize prompts with add_special_tokens=False (or use `model.ask(text)`)")
     cache = pop_cache(kwargs) or self.new_cache()
     kwargs.pop('position_ids', None)
     if inputs is not None: kwargs['inputs'] = inputs
     return generate_with_cache(self, cache, **kwargs)
+
+@patch
+def ask(self:MemoryLLM, question:str, # the prompt, e.g. a question about what was written
+        max_new_tokens:int=32, # most tokens to generate
+        tokenizer=None, # default the model's own
+        **kwargs, # more `generate` arguments (do_sample=True, temperature, top_k, streamer, ...); greedy by default
+       ) -> str:
+    "Generate from `question` with the memory and return the answer as text (new tokens only, special tokens dropped)."
+    tok = self._tok(tokenizer, 'MemoryLLM.ask')
+    ids = torch.tensor([tok(question, add_special_tokens=False).input_ids], dtype=torch.long, device=self.device)   # [1, T]
+    kwargs.setdefault('do_sample', False)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = self.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 # %% ../nbs/04_memoryllm.ipynb #aeef4c95
 @patch
@@ -377,9 +438,10 @@ def from_base(cls:MemoryLLM, base, # a LlamaForCausalLM / Qwen2ForCausalLM, or a
               **kwargs): # more `MemoryLLM` arguments (lora_config, add_decoder_lora, seed, ...)
     "A MemoryLLM with a fresh (uninitialised) memory on top of a base causal LM."
     lm = _load_lm(base, **({'dtype': torch_dtype} if torch_dtype is not None else {}))
+    if 'tokenizer' not in kwargs and not isinstance(base, PreTrainedModel): kwargs['tokenizer'] = read_tokenizer(base, 'MemoryLLM.from_base')
     return cls(lm, num_tokens=num_tokens, num_blocks=num_blocks, **kwargs)
 
-# %% ../nbs/04_memoryllm.ipynb #ebfbae6d
+# %% ../nbs/04_memoryllm.ipynb #8eb0cdae
 _MEMLLM_FIELDS = ('num_tokens', 'num_blocks', 'num_memory_tokens', 'add_bos_embedding', 'drop_memory_per_layer', 'add_decoder_lora', 'lora_config')
 _IGNORED_FIELDS = ('shrink_to_one_embedding', 'new_memory_embedding_fullset', 'max_length', 'max_seq_length', 'tune_special_tokens', 'special_token_ids')
 
@@ -424,7 +486,7 @@ def load_official_state_dict(self:MemoryLLM, sd:dict): # name -> tensor, this mo
     "Load a state dict in this model's official layout (MemoryLLM's: `load_memoryllm_state_dict`); M+ extends it."
     self.load_memoryllm_state_dict(sd)
 
-# %% ../nbs/04_memoryllm.ipynb #f2bc3a44
+# %% ../nbs/04_memoryllm.ipynb #9c90b31d
 @patch(cls_method=True)
 def from_pretrained(cls:MemoryLLM, path, # a local MemoryLLM checkpoint directory (config.json + weights)
                     dtype=None, # cast weights and memory to this dtype (default: as stored)
@@ -459,6 +521,7 @@ def from_pretrained(cls:MemoryLLM, path, # a local MemoryLLM checkpoint director
                 lora_config=lora, add_decoder_lora=mem['add_decoder_lora'], seed=seed, **kwargs)
     if nmt is not None: model.num_memory_tokens = nmt
     model.load_official_state_dict({k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()})
+    if model.tokenizer is None: model.tokenizer = read_tokenizer(path, who)
     return model.eval()
 
 @patch
@@ -474,6 +537,7 @@ def checkpoint_config(self:MemoryLLM) -> dict:
 @patch
 def save_pretrained(self:MemoryLLM, path, # directory to write (created; files replaced atomically)
                     **kwargs):
-    "Write config.json + model.safetensors in the official layout, loadable by `from_pretrained`."
+    "Write config.json + model.safetensors in the official layout (+ the tokenizer's files), loadable by `from_pretrained`."
     sd = {k: v for k, v in self.official_state_dict().items() if k not in self._tied_keys()}
     write_checkpoint(path, sd, self.checkpoint_config())
+    if self.tokenizer is not None: write_tokenizer(path, self.tokenizer)

@@ -185,7 +185,7 @@ def as_memoryllm(self:MPlus, seed:int|None=None, # drop seed of the view's memor
                   drop_memory_per_layer=self.memory.per_layer_drop, seed=self.memory.seed if seed is None else seed, **kw)
     m.new_memory_positional_emb = self.new_memory_positional_emb                  # shared parameters
     if self.bos_embedding is not None: m.bos_embedding = self.bos_embedding
-    m.lora_config, m.add_decoder_lora = self.lora_config, self.add_decoder_lora
+    m.lora_config, m.add_decoder_lora, m.tokenizer = self.lora_config, self.add_decoder_lora, self.tokenizer
     mem = self.memory
     m.memory = MemoryState(mem.stm.clone(), initialized=mem.initialized, per_layer_drop=mem.per_layer_drop, seed=m.memory.seed)
     m.memory.ages, m.memory.sources, m.memory.step = mem.ages.clone(), mem.sources.clone(), mem.step

@@ -94,5 +94,6 @@ def load_tiny(kind:str='mplus', # 'mplus' or 'memoryllm' (same weights, no LTM)
     if check: check_manifest(path)
     mp = MPlus.from_pretrained(path, dtype=torch.float32, seed=seed, rope_bf16=False, ltm_policy='cap', ltm_cap=1 << 20,
                                chunk_size=CHUNK)
+    mp.tokenizer = tokenizer()                      # text in, text out: `mp.inject(text)`, `mp.ask(question)`
     if kind == 'mplus': return mp.eval()
     return mp.as_memoryllm().eval()

@@ -30,3 +30,31 @@ def test_notebook_cuda(nb):
     flags = [f for f in cfg.tst_flags.split() if f != 'cuda']
     ok, secs = nbt.test_nb(nb, skip_flags=flags, basepath=cfg.config_path)
     assert ok, f'{nb.name} failed with the cuda flag (traceback above)'
+
+GUARD = "if not torch.cuda.is_available(): print('skipped: no CUDA')"
+
+@pytest.mark.parametrize('nb', CUDA_NBS, ids=[_id(p) for p in CUDA_NBS])
+def test_cuda_cells_guarded(nb):
+    "Run-all in JupyterLab on a CPU must go past `#| cuda` cells: each one starts with the no-CUDA guard."
+    for c in json.loads(nb.read_text())['cells']:
+        src = ''.join(c['source'])
+        if c['cell_type'] == 'code' and FLAG.search(src):
+            body = [l for l in src.splitlines() if not l.lstrip().startswith('#|')]
+            assert body and body[0].startswith(GUARD), f'{nb.name}: a `#| cuda` cell does not start with the guard:\n{src[:200]}'
+
+def test_run_all_with_cuda_cells_on_cpu(capsys):
+    "Every cell, `#| cuda` ones included, runs on a machine without CUDA: the guard prints and the notebook goes on."
+    if torch.cuda.is_available(): pytest.skip('this checks the CPU path')
+    nb = Path(cfg.nbs_path)/'03_attention.ipynb'
+    ok, secs = nbt.test_nb(nb, skip_flags=[f for f in cfg.tst_flags.split() if f != 'cuda'], basepath=cfg.config_path)
+    assert ok
+
+def test_export_cell_harmless_outside_the_repo(tmp_path):
+    "A notebook copied out of the repo ends without an error: its export cell does nothing there."
+    import subprocess, sys
+    for nb in NBS:
+        cells = [c for c in json.loads(nb.read_text())['cells'] if c['cell_type'] == 'code']
+        last = ''.join(cells[-1]['source'])
+        if 'nbdev_export' not in last: continue
+        r = subprocess.run([sys.executable, '-c', last], cwd=tmp_path, capture_output=True, text=True)
+        assert r.returncode == 0, f'{nb.name}: export cell fails outside the repo:\n{r.stderr[-500:]}'
