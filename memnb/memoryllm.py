@@ -134,13 +134,14 @@ def adapter(self:MemoryLLM, mode:str): # 'write' (adapter `default`) or 'read' (
 @patch
 def layer_prefix(self:MemoryLLM, layer_idx:int, # decoder layer
                  hidden:torch.Tensor|None=None, # [B, T, d] the layer's input for the prompt tokens (unused here; M+ retrieves with it)
-                 memory:torch.Tensor|None=None, # [L, M, d] read this instead of the pool (training)
+                 memory:torch.Tensor|None=None, # [L, M, d] (or [B, L, M, d], one per example) read this instead of the pool (training)
                  query_mask:torch.Tensor|None=None, # [B, T] bool, the prompt tokens that are not padding (M+ queries with them)
                 ) -> torch.Tensor:
-    "Hidden states layer `layer_idx` attends to before the tokens: [P, d] = [bos ; memory]."
-    mem = self.memory.stm[layer_idx] if memory is None else memory[layer_idx]
+    "Hidden states layer `layer_idx` attends to before the tokens: [P, d] = [bos ; memory] (or [B, P, d])."
+    mem = self.memory.stm[layer_idx] if memory is None else memory[..., layer_idx, :, :]           # [M, d] or [B, M, d]
     if self.bos_embedding is None: return mem
-    return torch.cat([self.bos_embedding[layer_idx], mem.to(self.bos_embedding.dtype)], 0)
+    bos = self.bos_embedding[layer_idx].expand(*mem.shape[:-2], 1, -1)                              # [1, d] or [B, 1, d]
+    return torch.cat([bos, mem.to(self.bos_embedding.dtype)], -2)
 
 @patch
 def prefix_length(self:MemoryLLM) -> int:
@@ -208,7 +209,7 @@ def forward(self:MemoryLLM,
             inputs_embeds:torch.Tensor|None=None, # [B, T, d] instead of input_ids
             labels:torch.Tensor|None=None, # [B, T] next-token targets (shifted inside), -100 = ignore
             use_cache:bool=True, # return the cache
-            memory:torch.Tensor|None=None, # [L, M, d] read this memory instead of the pool (training)
+            memory:torch.Tensor|None=None, # [L, M, d] or [B, L, M, d]: read this memory instead of the pool (training)
             logits_to_keep:int=0, # compute logits for the last n positions only (0 = all)
             layer_inputs:list|None=None, # if a list, each layer's input [B, T, d] is appended (M+'s retriever loss reads them)
             position_ids=None, cache_position=None, # ignored: positions are recomputed from the memory prefix
@@ -224,7 +225,9 @@ def forward(self:MemoryLLM,
     if cache is None or (not isinstance(cache, MemoryCache) and cache.get_seq_length() == 0): cache = self.new_cache()
     elif not isinstance(cache, MemoryCache): raise ValueError("MemoryLLM.forward: the cache must be a MemoryCache (from model.new_cache() or a previous call)")
     past = cache.get_seq_length()
-    P = (memory.shape[1] + (self.bos_embedding is not None)) if memory is not None else self.prefix_length()
+    if memory is not None and (memory.dim() not in (3, 4) or tuple(memory.shape[-3::2]) != (self.L, self.d) or (memory.dim() == 4 and len(memory) != B)):
+        raise ValueError(f"MemoryLLM.forward: `memory` must be [L={self.L}, M, d={self.d}] or [B={B}, L, M, d], got {tuple(memory.shape)}")
+    P = (memory.shape[-2] + (self.bos_embedding is not None)) if memory is not None else self.prefix_length()
     if past and cache.prefix_lens[0] != P: raise ValueError(f"MemoryLLM.forward: the cache holds a prefix of {cache.prefix_lens[0]} positions, the memory has {P}")
     if attention_mask is None: attention_mask = torch.ones(B, past + T, dtype=torch.long, device=h.device)
     if tuple(attention_mask.shape) != (B, past + T):
@@ -251,14 +254,14 @@ def forward(self:MemoryLLM,
 
 # %% ../nbs/04_memoryllm.ipynb #f8c9abe5
 @patch
-def write_delta(self:MemoryLLM, ids:torch.Tensor, # [T] or [1, T] one chunk's token ids
-               ) -> torch.Tensor:
-    "Run one chunk through the write path and return the new memory Δ [L, K, d] (with grad if enabled)."
-    if ids.dim() == 1: ids = ids[None]
-    if ids.dim() != 2 or ids.shape[0] != 1: raise ValueError(f"MemoryLLM.write_delta: one chunk at a time, got ids of shape {tuple(ids.shape)}")
-    T, K = ids.shape[1], self.num_tokens
-    if T < self.min_chunk: raise ValueError(f"MemoryLLM.write_delta: chunk of {T} tokens is shorter than min_chunk={self.min_chunk}")
-    h = self.lm.get_input_embeddings()(ids.to(self.device))                                       # [1, T, d]
+def write_deltas(self:MemoryLLM, ids:torch.Tensor, # [B, T] B chunks of equal length, each written against the current pool
+                 return_hidden:bool=False, # also return the last layer's outputs over the chunk tokens [B, T, d]
+                ):
+    "Run B chunks through the write path against the current pool: the new memories Δ [B, L, K, d] (with grad if enabled)."
+    check_tensor(ids, 'ids', 'MemoryLLM.write_deltas', ndim=2)
+    B, T = ids.shape; K = self.num_tokens
+    if T < self.min_chunk: raise ValueError(f"MemoryLLM.write_deltas: chunk of {T} tokens is shorter than min_chunk={self.min_chunk}")
+    h = self.lm.get_input_embeddings()(ids.to(self.device))                                       # [B, T, d]
     init = self.memory.initialized
     Q = max(T, K) if init else T                        # query positions: the last Q of [bos ; θ[-K:] ; chunk]
     nb = 1 if self.bos_embedding is not None else 0
@@ -269,14 +272,24 @@ def write_delta(self:MemoryLLM, ids:torch.Tensor, # [T] or [1, T] one chunk's to
     deltas = []
     with self.adapter('write'):
         for l, layer in enumerate(self.layers):
-            tail = self.memory.stm[l, -K:].to(h.dtype)[None] if init else h[:, :0]               # [1, K, d]
-            seq = torch.cat(([self.bos_embedding[l][None].to(h.dtype)] if nb else []) + [tail, h], 1) # [1, nb + K + T, d]
+            tail = self.memory.stm[l, -K:].to(h.dtype).expand(B, -1, -1) if init else h[:, :0]    # [B, K, d]
+            bos = [self.bos_embedding[l].to(h.dtype).expand(B, -1, -1)] if nb else []            # [B, 1, d]
+            seq = torch.cat(bos + [tail, h], 1)                                                   # [B, nb + K + T, d]
             x = seq[:, -Q:]
             Ke = min(K, Q); x = torch.cat([x[:, :Q - Ke], x[:, Q - Ke:] + emb], 1)                   # + emb on the last K
-            prefix = self.prefix_kv(l, seq[:, :P]) if P else None                                 # [1, Hkv, P, hd]
-            out = decoder_layer(layer, x, cos_sin, prefix_kv=prefix, backend=self.attn_backend)      # [1, Q, d]
-            deltas.append(out[0, -K:]); h = out[:, -T:]
-    return torch.stack(deltas)
+            prefix = self.prefix_kv(l, seq[:, :P]) if P else None                                 # [B, Hkv, P, hd]
+            out = decoder_layer(layer, x, cos_sin, prefix_kv=prefix, backend=self.attn_backend)      # [B, Q, d]
+            deltas.append(out[:, -K:]); h = out[:, -T:]
+    delta = torch.stack(deltas, 1)                                                                 # [B, L, K, d]
+    return (delta, h) if return_hidden else delta
+
+@patch
+def write_delta(self:MemoryLLM, ids:torch.Tensor, # [T] or [1, T] one chunk's token ids
+               ) -> torch.Tensor:
+    "Run one chunk through the write path and return the new memory Δ [L, K, d] (with grad if enabled)."
+    if ids.dim() == 1: ids = ids[None]
+    if ids.dim() != 2 or ids.shape[0] != 1: raise ValueError(f"MemoryLLM.write_delta: one chunk at a time, got ids of shape {tuple(ids.shape)} (use write_deltas for a batch)")
+    return self.write_deltas(ids)[0]
 
 # %% ../nbs/04_memoryllm.ipynb #37effb67
 @patch
@@ -360,7 +373,7 @@ def inject(self:MemoryLLM, text_or_ids, # a string, or token ids [T] / [1, T]
         for i, c in zip(ids, chunks): self.memory.texts[i] = tok.decode(c[:64])
     return ids
 
-# %% ../nbs/04_memoryllm.ipynb #c4bc2991
+# %% ../nbs/04_memoryllm.ipynb #0a911900
 @patch
 def generate(self:MemoryLLM, inputs=None, # [B, T] prompt token ids (or pass `input_ids=`)
              **kwargs): # transformers `generate` arguments (max_new_tokens, do_sample, attention_mask, streamer, ...)
@@ -399,7 +412,7 @@ def ask(self:MemoryLLM, question:str, # the prompt, e.g. a question about what w
     out = self.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
-# %% ../nbs/04_memoryllm.ipynb #b55e9d77
+# %% ../nbs/04_memoryllm.ipynb #08bc766c
 @patch
 def snapshot(self:MemoryLLM): return self.memory.snapshot()
 @patch
@@ -430,7 +443,7 @@ def load_memory(self:MemoryLLM, path, # a file from `save_memory`
     "Load a memory saved for this model's shape/config (and weights); anything else raises and leaves the memory untouched."
     self.memory.load(path, extra=self._identity(), fingerprint=self.fingerprint() if check_weights else None)
 
-# %% ../nbs/04_memoryllm.ipynb #4b35b8cb
+# %% ../nbs/04_memoryllm.ipynb #84048236
 def _load_lm(base, **kwargs):
     if isinstance(base, PreTrainedModel): return base
     return AutoModelForCausalLM.from_pretrained(base, **kwargs)
@@ -446,7 +459,7 @@ def from_base(cls:MemoryLLM, base, # a LlamaForCausalLM / Qwen2ForCausalLM, or a
     if 'tokenizer' not in kwargs and not isinstance(base, PreTrainedModel): kwargs['tokenizer'] = read_tokenizer(base, 'MemoryLLM.from_base')
     return cls(lm, num_tokens=num_tokens, num_blocks=num_blocks, **kwargs)
 
-# %% ../nbs/04_memoryllm.ipynb #9c90b31d
+# %% ../nbs/04_memoryllm.ipynb #becd230d
 _MEMLLM_FIELDS = ('num_tokens', 'num_blocks', 'num_memory_tokens', 'add_bos_embedding', 'drop_memory_per_layer', 'add_decoder_lora', 'lora_config')
 _IGNORED_FIELDS = ('shrink_to_one_embedding', 'new_memory_embedding_fullset', 'max_length', 'max_seq_length', 'tune_special_tokens', 'special_token_ids')
 
@@ -491,7 +504,7 @@ def load_official_state_dict(self:MemoryLLM, sd:dict): # name -> tensor, this mo
     "Load a state dict in this model's official layout (MemoryLLM's: `load_memoryllm_state_dict`); M+ extends it."
     self.load_memoryllm_state_dict(sd)
 
-# %% ../nbs/04_memoryllm.ipynb #dc106f81
+# %% ../nbs/04_memoryllm.ipynb #f536db5f
 @patch(cls_method=True)
 def from_pretrained(cls:MemoryLLM, path, # a local MemoryLLM checkpoint directory (config.json + weights)
                     dtype=None, # cast weights and memory to this dtype (default: as stored)
