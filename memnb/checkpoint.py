@@ -59,6 +59,7 @@ def weight_files(path, # a local checkpoint directory
         if (path/single).is_file(): return [path/single]
     raise ValueError(f"{who}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json) in {path}")
 
+# %% ../nbs/03c_checkpoint.ipynb #a9b82d1c
 def read_weights(path, # a local checkpoint directory
                  who:str, # the caller (for the error)
                 ) -> dict:
@@ -71,7 +72,7 @@ def read_weights(path, # a local checkpoint directory
         sd.update(part)
     return sd
 
-# %% ../nbs/03c_checkpoint.ipynb #a9b82d1c
+# %% ../nbs/03c_checkpoint.ipynb #17c10e7c
 def tensor_shape(path, # a local checkpoint directory (safetensors)
                  key:str, # tensor name
                 ) -> tuple|None:
@@ -82,7 +83,7 @@ def tensor_shape(path, # a local checkpoint directory (safetensors)
     if not f.is_file(): return None
     with safe_open(str(f), framework='pt') as h: return tuple(h.get_slice(key).get_shape()) if key in h.keys() else None
 
-# %% ../nbs/03c_checkpoint.ipynb #e8e03066
+# %% ../nbs/03c_checkpoint.ipynb #6372290b
 def _listed(ks): ks = sorted(ks); return ', '.join(ks[:12]) + (f' ... ({len(ks)} in all)' if len(ks) > 12 else '')
 
 def check_state_dict(want:dict, # name -> tensor the model expects
@@ -100,7 +101,7 @@ def check_state_dict(want:dict, # name -> tensor the model expects
            if k not in skip_shape and tuple(have[k].shape) != tuple(want[k].shape)]
     if bad: raise ValueError(f"{who} has tensors of the wrong shape: {_listed(bad)}")
 
-# %% ../nbs/03c_checkpoint.ipynb #0c21f29e
+# %% ../nbs/03c_checkpoint.ipynb #db8bbb9b
 def write_checkpoint(path, # directory to write (created)
                      tensors:dict, # name -> tensor
                      config:dict, # the config.json contents
@@ -113,7 +114,7 @@ def write_checkpoint(path, # directory to write (created)
     with atomic_path(path/'config.json') as tmp: tmp.write_text(json.dumps(config, indent=2, default=str))
     return path
 
-# %% ../nbs/03c_checkpoint.ipynb #bf49253e
+# %% ../nbs/03c_checkpoint.ipynb #476d3e9d
 def write_tokenizer(path, # the checkpoint directory
                     tokenizer, # a transformers tokenizer
                    ):
@@ -126,6 +127,7 @@ def write_tokenizer(path, # the checkpoint directory
         for f in tmp.iterdir(): os.replace(f, path/f.name)
     finally: shutil.rmtree(tmp, ignore_errors=True)
 
+# %% ../nbs/03c_checkpoint.ipynb #ff776152
 def read_tokenizer(path, # a checkpoint directory
                    who:str='read_tokenizer', # the caller (for the error)
                   ):

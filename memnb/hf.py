@@ -75,6 +75,7 @@ def rotary(lm:nn.Module, # a LlamaForCausalLM / Qwen2ForCausalLM
     # checked against transformers 5.0.0 and 5.24.0: `lm.model.rotary_emb(x, position_ids)`
     return lm.model.rotary_emb(x, positions)
 
+# %% ../nbs/03a_hf.ipynb #b577a61e
 def apply_rope(x:torch.Tensor, # [B, H, T, hd] queries or keys
                cos:torch.Tensor, sin:torch.Tensor, # [B, T, hd] from `rotary`
               ) -> torch.Tensor:
@@ -83,7 +84,7 @@ def apply_rope(x:torch.Tensor, # [B, H, T, hd] queries or keys
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
-# %% ../nbs/03a_hf.ipynb #631c0c08
+# %% ../nbs/03a_hf.ipynb #0d38ff27
 DECODER_PARTS = ('input_layernorm', 'post_attention_layernorm', 'mlp', 'self_attn.q_proj', 'self_attn.k_proj',
                  'self_attn.v_proj', 'self_attn.o_proj', 'self_attn.head_dim', 'self_attn.scaling')
 
@@ -99,7 +100,7 @@ def check_decoder(lm:nn.Module, # a causal LM whose decoder layers memnb will ru
             if not hasattr(obj, part): raise ValueError(f"{type(lm).__name__}: decoder layer has no `{name}`, which memnb's decoder_layer runs")
             obj = getattr(obj, part)
 
-# %% ../nbs/03a_hf.ipynb #d254bb0e
+# %% ../nbs/03a_hf.ipynb #bb5e7099
 def decoder_layer(layer:nn.Module, # a Llama / Qwen2 decoder layer
                   h:torch.Tensor, # [B, T, d] the layer's input
                   cos_sin:tuple, # RoPE tables (cos, sin) of the T positions, each [B, T, hd]
@@ -124,7 +125,7 @@ def decoder_layer(layer:nn.Module, # a Llama / Qwen2 decoder layer
     h = h + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
-# %% ../nbs/03a_hf.ipynb #f68ec2b6
+# %% ../nbs/03a_hf.ipynb #562c7bf3
 def no_init_weights():
     "Context manager: build transformers models without running their weight initialisation."
     # checked against transformers 5.0.0 and 5.24.0: `transformers.initialization.no_init_weights`
@@ -132,7 +133,7 @@ def no_init_weights():
     except ImportError: from transformers.modeling_utils import no_init_weights as ctx
     return ctx()
 
-# %% ../nbs/03a_hf.ipynb #deb8e1ba
+# %% ../nbs/03a_hf.ipynb #0d1ce09e
 def generate_with_cache(model, # a memnb model (a `GenerationMixin`)
                         cache, # the cache to start from
                         *args, **kwargs): # `generate`'s arguments
@@ -141,7 +142,7 @@ def generate_with_cache(model, # a memnb model (a `GenerationMixin`)
     kwargs.pop('cache', None); kwargs.pop('past_key_values', None)
     return GenerationMixin.generate(model, *args, **{CACHE_KW: cache}, **kwargs)
 
-# %% ../nbs/03a_hf.ipynb #0d1ce09e
+# %% ../nbs/03a_hf.ipynb #8b4b6b7b
 AUTO_KWARGS = ('config', '_from_auto', 'cache_dir', 'force_download', 'local_files_only', 'proxies', 'revision', 'subfolder',
                'token', 'trust_remote_code', 'adapter_kwargs', 'code_revision', '_commit_hash')
 
@@ -154,6 +155,7 @@ def register_auto(config_cls, # a `PretrainedConfig` subclass with a memnb `mode
     AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
     AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
 
+# %% ../nbs/03a_hf.ipynb #4cbb4c3f
 def drop_auto_kwargs(kwargs:dict) -> dict:
     "`kwargs` without the arguments `AutoModelForCausalLM.from_pretrained` adds for the model class (config, hub options)."
     # checked against transformers 5.0.0 and 5.24.0

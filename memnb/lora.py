@@ -80,6 +80,7 @@ def set_adapter(module:nn.Module, # any module holding `LoraLinear`s
     for m in module.modules():
         if isinstance(m, LoraLinear): m.active = name
 
+# %% ../nbs/03b_lora.ipynb #ad78e648
 @contextlib.contextmanager
 def use_adapter(module:nn.Module, # any module holding `LoraLinear`s
                 name:str|None, # adapter active inside the block

@@ -283,6 +283,7 @@ def write_deltas(self:MemoryLLM, ids:torch.Tensor, # [B, T] B chunks of equal le
     delta = torch.stack(deltas, 1)                                                                 # [B, L, K, d]
     return (delta, h) if return_hidden else delta
 
+# %% ../nbs/04_memoryllm.ipynb #37effb67
 @patch
 def write_delta(self:MemoryLLM, ids:torch.Tensor, # [T] or [1, T] one chunk's token ids
                ) -> torch.Tensor:
@@ -291,13 +292,14 @@ def write_delta(self:MemoryLLM, ids:torch.Tensor, # [T] or [1, T] one chunk's to
     if ids.dim() != 2 or ids.shape[0] != 1: raise ValueError(f"MemoryLLM.write_delta: one chunk at a time, got ids of shape {tuple(ids.shape)} (use write_deltas for a batch)")
     return self.write_deltas(ids)[0]
 
-# %% ../nbs/04_memoryllm.ipynb #37effb67
+# %% ../nbs/04_memoryllm.ipynb #bd0e469d
 @patch
 def update_memory(self:MemoryLLM, delta:torch.Tensor, # [L, K, d] new states from `write_delta`
                  ) -> Dropped:
     "Write Δ into the pool (drop K random slots per layer, append Δ); returns what was dropped. M+ extends this."
     with torch.no_grad(): return self.memory.write(delta)
 
+# %% ../nbs/04_memoryllm.ipynb #99febfdc
 @patch
 def _tok(self:MemoryLLM, tokenizer=None, who:str='MemoryLLM'):
     "The tokenizer to use: the one passed, else the model's own."
@@ -335,6 +337,7 @@ def split_text(self:MemoryLLM, text:str, # the text to write
         pieces += [torch.tensor(ids[i:i + cs], dtype=torch.long) for i in range(0, len(ids), cs)]  # one over-long word: cut
     return pieces
 
+# %% ../nbs/04_memoryllm.ipynb #ae347f57
 @patch
 def _chunks(self:MemoryLLM, ids, tokenizer=None, chunk_size=None, min_chunk=None):
     cs, mc = chunk_size or self.chunk_size, min_chunk if min_chunk is not None else self.min_chunk
@@ -373,7 +376,7 @@ def inject(self:MemoryLLM, text_or_ids, # a string, or token ids [T] / [1, T]
         for i, c in zip(ids, chunks): self.memory.texts[i] = tok.decode(c[:64])
     return ids
 
-# %% ../nbs/04_memoryllm.ipynb #0a911900
+# %% ../nbs/04_memoryllm.ipynb #47af5507
 @patch
 def generate(self:MemoryLLM, inputs=None, # [B, T] prompt token ids (or pass `input_ids=`)
              **kwargs): # transformers `generate` arguments (max_new_tokens, do_sample, attention_mask, streamer, ...)
@@ -412,7 +415,7 @@ def ask(self:MemoryLLM, question:str, # the prompt, e.g. a question about what w
     out = self.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
-# %% ../nbs/04_memoryllm.ipynb #08bc766c
+# %% ../nbs/04_memoryllm.ipynb #84048236
 @patch
 def snapshot(self:MemoryLLM): return self.memory.snapshot()
 @patch
@@ -443,7 +446,7 @@ def load_memory(self:MemoryLLM, path, # a file from `save_memory`
     "Load a memory saved for this model's shape/config (and weights); anything else raises and leaves the memory untouched."
     self.memory.load(path, extra=self._identity(), fingerprint=self.fingerprint() if check_weights else None)
 
-# %% ../nbs/04_memoryllm.ipynb #84048236
+# %% ../nbs/04_memoryllm.ipynb #9c90b31d
 def _load_lm(base, **kwargs):
     if isinstance(base, PreTrainedModel): return base
     return AutoModelForCausalLM.from_pretrained(base, **kwargs)
@@ -459,7 +462,7 @@ def from_base(cls:MemoryLLM, base, # a LlamaForCausalLM / Qwen2ForCausalLM, or a
     if 'tokenizer' not in kwargs and not isinstance(base, PreTrainedModel): kwargs['tokenizer'] = read_tokenizer(base, 'MemoryLLM.from_base')
     return cls(lm, num_tokens=num_tokens, num_blocks=num_blocks, **kwargs)
 
-# %% ../nbs/04_memoryllm.ipynb #becd230d
+# %% ../nbs/04_memoryllm.ipynb #6101aefe
 _MEMLLM_FIELDS = ('num_tokens', 'num_blocks', 'num_memory_tokens', 'add_bos_embedding', 'drop_memory_per_layer', 'add_decoder_lora', 'lora_config')
 _IGNORED_FIELDS = ('shrink_to_one_embedding', 'new_memory_embedding_fullset', 'max_length', 'max_seq_length', 'tune_special_tokens', 'special_token_ids')
 
@@ -504,7 +507,7 @@ def load_official_state_dict(self:MemoryLLM, sd:dict): # name -> tensor, this mo
     "Load a state dict in this model's official layout (MemoryLLM's: `load_memoryllm_state_dict`); M+ extends it."
     self.load_memoryllm_state_dict(sd)
 
-# %% ../nbs/04_memoryllm.ipynb #f536db5f
+# %% ../nbs/04_memoryllm.ipynb #aadc2e95
 @patch(cls_method=True)
 def from_pretrained(cls:MemoryLLM, path, # a local MemoryLLM checkpoint directory (config.json + weights)
                     dtype=None, # cast weights and memory to this dtype (default: as stored)
