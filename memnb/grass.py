@@ -4,12 +4,14 @@
 
 # %% auto #0
 __all__ = ['SELECTIONS', 'MOMENTS', 'grass_select', 'grass_dim', 'GrassSlot', 'GrassLinearFn', 'grass_model', 'Grass',
-           'grass_param_groups']
+           'grass_trainer', 'grass_param_groups']
 
 # %% ../nbs/11_grass.ipynb #bdc35157
-import math, types, warnings
+import math, numbers, sys, types, warnings
+from collections import defaultdict
 import torch, torch.nn as nn, torch.nn.functional as F
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from fastcore.basics import patch
 
 # %% ../nbs/11_grass.ipynb #e3728781
@@ -44,6 +46,11 @@ class GrassSlot:
         self.name, self.active, self.dim, self.idx, self.rho, self.refresh = name, False, 0, None, None, True
         self.compact = self.full = None   # (r, d_in)/(d_out, r) compact gradient; (d_out, d_in) on refresh steps
         self.hook = None                  # called as hook(weight) after each backward (per-layer updates)
+        self.ddp_sync = None              # under DistributedDataParallel: does the last forward's backward reduce dense grads?
+
+    def clear(self):
+        "Drop the gradient buffers, as `zero_grad` drops a dense `.grad`."
+        self.compact = self.full = self.ddp_sync = None
 
     def accumulate(self, dy, x, dtype): # dy (T, d_out), x (T, d_in)
         "Add this micro-batch's weight gradient to the buffers: compact normally, full on refresh steps."
@@ -88,10 +95,33 @@ class GrassLinearFn(torch.autograd.Function):
         return dx, None, db, None
 
 # %% ../nbs/11_grass.ipynb #2a0c5610
+def _active_ddp():
+    "The `DistributedDataParallel` whose forward is running, or None."
+    get = getattr(DistributedDataParallel, '_get_active_ddp_module', None)
+    return get() if get is not None else None
+
+def _ddp_ignored_ids(ddp) -> set:
+    ids = getattr(ddp, '_grass_ignored_ids', None)
+    if ids is None:
+        names = getattr(ddp, 'parameters_to_ignore', ())
+        ids = ddp._grass_ignored_ids = {id(p) for n, p in ddp.module.named_parameters() if n in names}
+    return ids
+
 def _grass_forward(self, x):
-    slot = self.weight.grass_slot
-    if not slot.active or not self.weight.requires_grad or not torch.is_grad_enabled(): return F.linear(x, self.weight, self.bias)
-    return GrassLinearFn.apply(x, self.weight, self.bias, slot)
+    w = self.weight; slot = w.grass_slot
+    ddp = _active_ddp() if w.requires_grad and torch.is_grad_enabled() else None
+    if ddp is not None and ddp.require_backward_grad_sync and slot.active != (id(w) in _ddp_ignored_ids(ddp)):
+        if slot.active: raise RuntimeError(f"Grass: {slot.name} is targeted but DistributedDataParallel reduces it (it never gets a dense gradient, so DDP would wait for it): call grass_model(model) before wrapping that same `model` in DDP")
+        raise RuntimeError(f"Grass: {slot.name} was patched by grass_model, so DistributedDataParallel ignores it, but no Grass optimizer targets it: its gradient would never be averaged; patch only what Grass targets (grass_model(model, targets=...))")
+    if not slot.active or not w.requires_grad or not torch.is_grad_enabled(): return F.linear(x, w, self.bias)
+    if ddp is not None: slot.ddp_sync = bool(ddp.require_backward_grad_sync)
+    return GrassLinearFn.apply(x, w, self.bias, slot)
+
+def _grass_zero_grad(self, set_to_none:bool=True):
+    "`nn.Module.zero_grad`, and the Grass gradient buffers of this model's targeted weights."
+    type(self).zero_grad(self, set_to_none)
+    for p in self.parameters():
+        if hasattr(p, 'grass_slot'): p.grass_slot.clear()
 
 def grass_model(model:nn.Module, # patched in place
                 targets=('attn', 'mlp'), # a Linear is targeted when its module name contains one of these
@@ -104,16 +134,33 @@ def grass_model(model:nn.Module, # patched in place
             mod.forward = types.MethodType(_grass_forward, mod)
             names.append(name)
     if not names: raise ValueError(f"grass_model: no nn.Linear module name contains any of targets={targets!r}")
+    ignore = list(getattr(model, '_ddp_params_and_buffers_to_ignore', []))   # DDP must not wait for (or reduce) these
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore + [n + '.weight' for n in names if n + '.weight' not in ignore])
+    if 'zero_grad' not in vars(model): model.zero_grad = types.MethodType(_grass_zero_grad, model)
     return names
 
 # %% ../nbs/11_grass.ipynb #bb87a2f1
 MOMENTS = ('reset', 'carry')
 
+def _check_rank(rank, where:str):
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+        raise ValueError(f"{where}: rank={rank!r} must be a positive int (leave `rank` out, or None, for an untargeted group)")
+
+def _dtype_name(dt) -> str|None:
+    "None, or the name of a floating torch dtype ('float32', 'bfloat16', ...): how `state_dtype` is stored in param groups."
+    if dt is None: return None
+    name = str(dt).removeprefix('torch.')
+    if not isinstance(getattr(torch, name, None), torch.dtype) or not getattr(torch, name).is_floating_point:
+        raise ValueError(f"Grass: state_dtype={dt!r} must be None or a floating torch dtype such as torch.float32 or 'bfloat16'")
+    return name
+
+def _targeted(group) -> bool: return group.get('rank') is not None
+
 class Grass(torch.optim.Optimizer):
     "Adam on selected rows/columns of targeted 2-D weights (groups with `rank`), AdamW on everything else."
     def __init__(self, params, # parameters or param groups; groups with a `rank` key get Grass
                  lr:float=1e-3, # learning rate
-                 rank:int|None=None, # default `rank` for targeted groups (a group is targeted only if it has `rank`)
+                 rank:int|None=None, # default `rank` for groups that ask for it with `rank=True` (a group is targeted only if it has `rank`)
                  update_proj_gap:int=200, # K: re-select rows every K optimizer steps
                  selection:str='top', # 'top', 'multinomial' or 'uniform'
                  replacement:bool=True, # sampled selections: with replacement and ρ = 1/sqrt(r·q)
@@ -122,43 +169,53 @@ class Grass(torch.optim.Optimizer):
                  eps:float=1e-8, # Adam ε (added to sqrt(v̂), as in torch AdamW)
                  weight_decay:float=0.0, # decoupled weight decay, applied to the whole weight
                  moments:str='reset', # at refresh: 'reset' all moments or 'carry' the rows kept in both selections
+                 state_dtype=None, # dtype of the Adam moments: None is float32 for bf16/fp16 weights and the weight's dtype otherwise
                  stagger:bool=True, # spread layers' refreshes over the K steps
                  seed:int=0, # seeds the sampled selections (same on every rank)
                  check_finite:bool=True, # raise on a non-finite gradient, naming the parameter
                  max_grad_norm:float|None=None, # clip the global norm of the gradients the optimizer sees (compact for targeted weights)
                  per_layer:bool=False, # update each weight inside backward as soon as its gradient is ready (no accumulation)
-                 sync_grads:bool|None=None, # all-reduce gradients in step(); None: when torch.distributed is initialised with >1 rank
+                 sync_grads:bool|str|None=None, # all-reduce in step(): None/True 'all' or, under DDP, 'slots' (targeted only); 'all'; 'slots'; False
                  process_group=None, # torch.distributed group for `sync_grads`
                 ):
-        if lr < 0: raise ValueError(f"Grass: invalid lr={lr}")
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1): raise ValueError(f"Grass: invalid betas={betas}")
-        defaults = dict(lr=lr, update_proj_gap=update_proj_gap, selection=selection, replacement=replacement,
-                        scale=scale, betas=betas, eps=eps, weight_decay=weight_decay, moments=moments)
-        self._rank_default = rank
-        super().__init__(params, defaults)
-        self.stagger, self.seed, self.check_finite, self.max_grad_norm = stagger, seed, check_finite, max_grad_norm
+        if rank is not None: _check_rank(rank, 'Grass')
         if per_layer and max_grad_norm: raise ValueError("Grass: per_layer=True cannot clip a global gradient norm (max_grad_norm); clip per layer upstream or drop per_layer")
+        if sync_grads not in (None, True, False, 'all', 'slots'): raise ValueError(f"Grass: sync_grads={sync_grads!r} must be None, True, False, 'all' or 'slots'")
+        defaults = dict(lr=lr, update_proj_gap=update_proj_gap, selection=selection, replacement=replacement, scale=scale,
+                        betas=betas, eps=eps, weight_decay=weight_decay, moments=moments, state_dtype=_dtype_name(state_dtype))
+        self._rank_default, self.per_layer = rank, per_layer
+        self.stagger, self.seed, self.check_finite, self.max_grad_norm = stagger, seed, check_finite, max_grad_norm
         self.sync_grads, self.process_group, self.comm_bytes = sync_grads, process_group, 0
-        self._check_groups()
-        self.targeted = [p for g in self.param_groups if g.get('rank') for p in g['params']]
-        self.layer_id = {p: i for i, p in enumerate(self.targeted)}
-        for g in self.param_groups:
-            names = g.get('param_names', [None] * len(g['params']))
-            for p, n in zip(g['params'], names):
-                if g.get('rank'):
-                    if not hasattr(p, 'grass_slot'): p.grass_slot = GrassSlot(n or '')
-                    if n: p.grass_slot.name = n
-                    p.grass_slot.active, p.grass_slot.dim = True, grass_dim(p.shape)
-        self.per_layer = per_layer
-        if per_layer: self._install_hooks()
+        self.targeted, self.layer_id, self._ready, self._synced, self._first = [], {}, False, False, True
+        super().__init__(params, defaults)   # calls add_param_group for every group
+        if rank is not None and not self.targeted:
+            raise ValueError(f"Grass: rank={rank} reaches no targeted weight: only param groups with a `rank` key (or `rank=True`) get Grass, "
+                             f"so this would be plain AdamW; pass grass_param_groups(model, rank={rank}) or groups with `rank`")
+        self._ready = True
+        if per_layer: self._install_hooks([p for g in self.param_groups for p in g['params']])
         self._sync_slots()
 
 # %% ../nbs/11_grass.ipynb #410090c5
 @patch
 def add_param_group(self:Grass, group:dict):
-    "Add a param group; a `rank` key (or the constructor's `rank` for groups that ask for it with `rank=True`) makes it targeted."
-    if group.get('rank') is True: group['rank'] = self._rank_default
+    "Add a param group (also after construction); a `rank` key (or `rank=True` for the constructor's `rank`) makes it targeted."
+    if group.get('rank') is True:
+        if self._rank_default is None: raise ValueError("Grass.add_param_group: rank=True needs the constructor's `rank`")
+        group['rank'] = self._rank_default
     super(Grass, self).add_param_group(group)
+    gi = len(self.param_groups) - 1; g = self.param_groups[gi]
+    try: self._check_group(gi)
+    except Exception: self.param_groups.pop(); raise
+    if _targeted(g):
+        g['rank'] = int(g['rank'])
+        for p, n in zip(g['params'], g.get('param_names') or [None] * len(g['params'])):
+            self.layer_id[p] = len(self.targeted); self.targeted.append(p)
+            if not hasattr(p, 'grass_slot'): p.grass_slot = GrassSlot(n or '')
+            if n: p.grass_slot.name = n
+            p.grass_slot.active, p.grass_slot.dim = True, grass_dim(p.shape)
+    if self._ready:
+        if self.per_layer: self._install_hooks(g['params'])
+        self._sync_slots()
 
 @patch
 def _name(self:Grass, gi, pi, p):
@@ -168,16 +225,30 @@ def _name(self:Grass, gi, pi, p):
     return f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
 
 @patch
-def _check_groups(self:Grass):
-    for gi, g in enumerate(self.param_groups):
-        if not g.get('rank'): continue
-        if g['selection'] not in SELECTIONS: raise ValueError(f"Grass: unknown selection={g['selection']!r} in param group {gi}; expected one of {SELECTIONS}")
-        if g['moments'] not in MOMENTS: raise ValueError(f"Grass: unknown moments={g['moments']!r} in param group {gi}; expected one of {MOMENTS}")
-        if not (isinstance(g['update_proj_gap'], int) and g['update_proj_gap'] >= 1): raise ValueError(f"Grass: update_proj_gap={g['update_proj_gap']!r} must be a positive int (param group {gi})")
-        for pi, p in enumerate(g['params']):
-            if p.dim() != 2: raise ValueError(f"Grass: targeted parameter {self._name(gi, pi, p)} must be 2-D, got shape {tuple(p.shape)}; put it in a group without `rank`")
-            side = p.shape[grass_dim(p.shape)]
-            if not 0 < g['rank'] < side: raise ValueError(f"Grass: rank={g['rank']} must be in [1, {side}) for {self._name(gi, pi, p)} of shape {tuple(p.shape)}")
+def _check_group(self:Grass, gi):
+    g = self.param_groups[gi]
+    for k in ('lr', 'eps', 'weight_decay'):
+        if not g[k] >= 0: raise ValueError(f"Grass: invalid {k}={g[k]!r} in param group {gi}: must be >= 0")
+    b = g['betas']
+    if not (0 <= b[0] < 1 and 0 <= b[1] < 1): raise ValueError(f"Grass: invalid betas={b} in param group {gi}")
+    g['state_dtype'] = _dtype_name(g['state_dtype'])
+    if not _targeted(g): return
+    _check_rank(g['rank'], f"Grass (param group {gi})")
+    if g['selection'] not in SELECTIONS: raise ValueError(f"Grass: unknown selection={g['selection']!r} in param group {gi}; expected one of {SELECTIONS}")
+    if g['moments'] not in MOMENTS: raise ValueError(f"Grass: unknown moments={g['moments']!r} in param group {gi}; expected one of {MOMENTS}")
+    if not (isinstance(g['update_proj_gap'], int) and g['update_proj_gap'] >= 1): raise ValueError(f"Grass: update_proj_gap={g['update_proj_gap']!r} must be a positive int (param group {gi})")
+    for pi, p in enumerate(g['params']):
+        if any(c.__name__ == 'DTensor' for c in type(p).__mro__):
+            raise ValueError(f"Grass: targeted parameter {self._name(gi, pi, p)} is a DTensor (FSDP2 / tensor-parallel sharding), which Grass does not support; use DistributedDataParallel, or put it in a group without `rank`")
+        if p.dim() != 2: raise ValueError(f"Grass: targeted parameter {self._name(gi, pi, p)} must be 2-D, got shape {tuple(p.shape)}; put it in a group without `rank`")
+        side = p.shape[grass_dim(p.shape)]
+        if not 0 < g['rank'] < side: raise ValueError(f"Grass: rank={g['rank']} must be in [1, {side}) for {self._name(gi, pi, p)} of shape {tuple(p.shape)}")
+
+@patch
+def _state_dtype(self:Grass, p, group) -> torch.dtype:
+    "The moments' dtype for `p`: the group's `state_dtype`, else float32 for half-precision weights, else the weight's dtype."
+    if group.get('state_dtype'): return getattr(torch, group['state_dtype'])
+    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 # %% ../nbs/11_grass.ipynb #4473294c
 @patch
@@ -190,26 +261,35 @@ def _is_refresh(self:Grass, p, group) -> bool:
 @patch
 def _sync_slots(self:Grass):
     for g in self.param_groups:
-        if not g.get('rank'): continue
+        if not _targeted(g): continue
         for p in g['params']:
             s, st = p.grass_slot, self.state[p]
             s.idx, s.rho, s.refresh = st.get('idx'), st.get('rho'), self._is_refresh(p, g)
 
 @patch
 def load_state_dict(self:Grass, state_dict):
-    super(Grass, self).load_state_dict(state_dict)
-    for p in self.targeted:   # torch casts all state to the param's float dtype: restore the integer tensors
+    "`torch.optim.Optimizer.load_state_dict`, keeping integer state (indices, step counters) and fp32 moments out of the cast to the weight's dtype."
+    saved = state_dict['state']
+    order = [i for g in state_dict['param_groups'] for i in g['params']]
+    super(Grass, self).load_state_dict(state_dict)   # casts every state tensor but `step` to the param's dtype
+    for i, (g, p) in zip(order, [(g, p) for g in self.param_groups for p in g['params']]):
+        if i not in saved: continue
         st = self.state[p]
-        for k in ('idx', 'row_step', 'step'):
-            if k in st: st[k] = st[k].long()
-    for p in self.targeted: p.grass_slot.compact = p.grass_slot.full = None
+        for k, v in saved[i].items():   # re-take the saved values, before that cast
+            if not torch.is_tensor(v) or k == 'step' and v.is_floating_point(): continue
+            if not v.is_floating_point(): st[k] = v.to(p.device)                        # idx, row_step, step: exact
+            elif k in ('exp_avg', 'exp_avg_sq'): st[k] = v.to(p.device, self._state_dtype(p, g))
+            else: st[k] = v.to(p.device, torch.promote_types(v.dtype, torch.float32))   # rho
+    for p in self.targeted: p.grass_slot.clear()
+    self._synced = False
     self._sync_slots()
 
 @patch
 def zero_grad(self:Grass, set_to_none:bool=True):
     "Clear dense gradients and the compact/full buffers of targeted weights."
     super(Grass, self).zero_grad(set_to_none)
-    for p in self.targeted: p.grass_slot.compact = p.grass_slot.full = None
+    for p in self.targeted: p.grass_slot.clear()
+    self._synced = False
 
 # %% ../nbs/11_grass.ipynb #e617e2c7
 @patch
@@ -221,7 +301,7 @@ def _grads(self:Grass, p):
         if s.refresh or s.idx is None: full = p.grad
         else:
             G = p.grad; compact = G[s.idx] if s.dim == 0 else G[:, s.idx]
-            if s.rho is not None: compact = compact * (s.rho[:, None] if s.dim == 0 else s.rho[None, :])
+            if s.rho is not None: compact = compact * (s.rho[:, None] if s.dim == 0 else s.rho[None, :]).to(G.dtype)
     return full, compact
 
 @patch
@@ -234,7 +314,7 @@ def _refresh(self:Grass, p, group, full):
         gen = torch.Generator().manual_seed(hash((self.seed, self.layer_id[p], int(st['step']) if 'step' in st else 0)) & (2**63 - 1))
     idx, rho = grass_select(G.float().norm(dim=1), group['rank'], group['selection'], group['replacement'], gen)
     r, n = len(idx), G.shape[1]
-    m_new = torch.zeros(r, n, dtype=p.dtype, device=p.device); v_new = torch.zeros_like(m_new)
+    m_new = torch.zeros(r, n, dtype=self._state_dtype(p, group), device=p.device); v_new = torch.zeros_like(m_new)
     t_new = torch.zeros(r, dtype=torch.int64, device=p.device)
     if group['moments'] == 'carry' and 'idx' in st:
         old = st['idx']; pos = torch.searchsorted(old, idx).clamp_max(len(old) - 1)
@@ -247,36 +327,46 @@ def _refresh(self:Grass, p, group, full):
     return g * rho[:, None] if rho is not None else g
 
 # %% ../nbs/11_grass.ipynb #141f744b
+def _moments(m, v, g, b1, b2):
+    "Update Adam's moments with `g` in the compute dtype (fp32 at least); return them in that dtype, stored back in `m`, `v`'s own."
+    mc, vc = (m, v) if m.dtype == g.dtype else (m.to(g.dtype), v.to(g.dtype))
+    mc.lerp_(g, 1 - b1); vc.mul_(b2).addcmul_(g, g, value=1 - b2)
+    if mc is not m: m.copy_(mc); v.copy_(vc)
+    return mc, vc
+
 @patch
 def _grass_update(self:Grass, p, group, g): # g (r, n), rows oriented
     st = self.state[p]; s = p.grass_slot
     b1, b2 = group['betas']; lr = group['lr']
     m, v, t = st['exp_avg'], st['exp_avg_sq'], st['row_step']
     t += 1
-    m.lerp_(g, 1 - b1); v.mul_(b2).addcmul_(g, g, value=1 - b2)
-    tf = t.to(m.dtype)[:, None]
+    cdt = torch.promote_types(m.dtype, torch.float32)                   # optimizer arithmetic never runs below fp32
+    mc, vc = _moments(m, v, g.to(cdt), b1, b2)
+    tf = t.to(cdt)[:, None]
     bc1, bc2 = 1 - b1 ** tf, (1 - b2 ** tf).sqrt()
-    u = (m / bc1).div_((v.sqrt() / bc2).add_(group['eps']))
+    u = (mc / bc1).div_((vc.sqrt() / bc2).add_(group['eps']))
     u.mul_(-lr * group['scale'])
-    if 'rho' in st: u.mul_(st['rho'][:, None])
+    if 'rho' in st: u.mul_(st['rho'].to(cdt)[:, None])
     with torch.no_grad():
         if group['weight_decay']: p.mul_(1 - lr * group['weight_decay'])
-        (p if s.dim == 0 else p.t()).index_add_(0, st['idx'], u)
+        (p if s.dim == 0 else p.t()).index_add_(0, st['idx'], u.to(p.dtype))
     st['step'] += 1
 
 @patch
 def _adamw_update(self:Grass, p, group):
     st = self.state[p]
     if 'step' not in st:
-        st['step'] = torch.tensor(0.0); st['exp_avg'] = torch.zeros_like(p); st['exp_avg_sq'] = torch.zeros_like(p)
-    b1, b2 = group['betas']; lr = group['lr']; g = p.grad
+        st['step'] = torch.tensor(0.0)
+        st['exp_avg'] = torch.zeros_like(p, dtype=self._state_dtype(p, group)); st['exp_avg_sq'] = torch.zeros_like(st['exp_avg'])
+    b1, b2 = group['betas']; lr = group['lr']
+    cdt = torch.promote_types(st['exp_avg'].dtype, torch.float32)
     st['step'] += 1; t = float(st['step'])
-    m, v = st['exp_avg'], st['exp_avg_sq']
-    m.lerp_(g, 1 - b1); v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    m, v = _moments(st['exp_avg'], st['exp_avg_sq'], p.grad.to(cdt), b1, b2)
     denom = (v.sqrt() / math.sqrt(1 - b2 ** t)).add_(group['eps'])
     with torch.no_grad():
         if group['weight_decay']: p.mul_(1 - lr * group['weight_decay'])
-        p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+        if p.dtype == cdt: p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+        else: p.add_(m.div(denom).mul_(-lr / (1 - b1 ** t)))
 
 # %% ../nbs/11_grass.ipynb #b4c47371
 @patch
@@ -286,7 +376,7 @@ def _collect(self:Grass, params=None):
     for gi, g in enumerate(self.param_groups):
         for pi, p in enumerate(g['params']):
             if params is not None and all(p is not q for q in params): continue
-            if g.get('rank'):
+            if _targeted(g):
                 full, compact = self._grads(p)
                 if full is None and compact is None: continue
                 work.append((gi, pi, p, full, compact))
@@ -294,10 +384,25 @@ def _collect(self:Grass, params=None):
     return work
 
 @patch
+def _tensors(self:Grass, work):
+    "The gradient tensor the optimizer will apply for each work item: full or compact for targeted weights, `.grad` otherwise."
+    return [(f if f is not None else c) if _targeted(self.param_groups[gi]) else p.grad for gi, pi, p, f, c in work]
+
+@patch
+def _presync(self:Grass):
+    "This step's work items, all-reduced over the ranks first when syncing (once per step: `clip_grad_norm_` may have done it)."
+    work = self._collect()
+    mode = self._sync_mode()
+    if mode and not self._synced:
+        self._all_reduce(work, mode); self._synced = True
+        work = self._collect()
+    return work
+
+@patch
 def _check_and_clip(self:Grass, work):
     "Raise on a non-finite gradient (naming it) before anything is applied; clip to `max_grad_norm`."
     if not work or not (self.check_finite or self.max_grad_norm): return
-    ts = [(f if f is not None else c) if self.param_groups[gi].get('rank') else p.grad for gi, pi, p, f, c in work]
+    ts = self._tensors(work)
     norms = torch.stack(torch._foreach_norm(ts)).float()
     if self.check_finite:
         bad = ~torch.isfinite(norms)
@@ -313,13 +418,13 @@ def _check_and_clip(self:Grass, work):
 def _apply(self:Grass, work):
     for gi, pi, p, full, compact in work:
         g = self.param_groups[gi]
-        if not g.get('rank'): self._adamw_update(p, g); continue
+        if not _targeted(g): self._adamw_update(p, g); continue
         st = self.state[p]
         if 'step' not in st: st['step'] = torch.tensor(0, dtype=torch.int64)
         if full is not None: c = self._refresh(p, g, full)
         else: c = compact if p.grass_slot.dim == 0 else compact.t()
         self._grass_update(p, g, c)
-        p.grass_slot.compact = p.grass_slot.full = None
+        p.grass_slot.clear()
         p.grass_slot.idx, p.grass_slot.rho, p.grass_slot.refresh = st['idx'], st.get('rho'), self._is_refresh(p, g)
 
 @patch
@@ -330,51 +435,187 @@ def step(self:Grass, closure=None):
     if closure is not None:
         with torch.enable_grad(): loss = closure()
     if self.per_layer: return loss   # the updates already happened inside backward
-    work = self._collect()
-    if self._should_sync(): work = self._all_reduce(work)
+    if self._first: self._first_step_checks()
+    work = self._presync()
     self._check_and_clip(work)
     self._apply(work)
+    self._synced = False
     self._sync_slots()
     return loss
 
 # %% ../nbs/11_grass.ipynb #caff0c8d
 @patch
-def _install_hooks(self:Grass):
+def _install_hooks(self:Grass, params):
     if self._should_sync(): raise ValueError("Grass: per_layer=True is single-process only (sync_grads needs all gradients at step())")
     def one(p):
         with torch.no_grad():
             work = self._collect([p]); self._check_and_clip(work); self._apply(work)
             p.grad = None
-    for g in self.param_groups:
-        for p in g['params']:
-            if g.get('rank'): p.grass_slot.hook = (lambda p=p: one(p))
-            else: p.register_post_accumulate_grad_hook(one)
+    tgt = {id(p) for p in self.targeted}
+    for p in params:
+        if id(p) in tgt: p.grass_slot.hook = (lambda p=p: one(p))
+        else: p.register_post_accumulate_grad_hook(one)
 
 # %% ../nbs/11_grass.ipynb #e574b1ab
+@patch
+@torch.no_grad()
+def clip_grad_norm_(self:Grass, max_norm:float, # clip so that the total norm is at most this (inf: only measure)
+                    norm_type:float=2.0, # order of the norm
+                    error_if_nonfinite:bool=False, # raise if the total norm is nan or inf
+                   ) -> torch.Tensor:
+    "`torch.nn.utils.clip_grad_norm_` over every gradient Grass will apply: compact/full buffers of targeted weights and dense `.grad`s; returns the total norm."
+    ts = self._tensors(self._presync())
+    if not ts: return torch.tensor(0.0)
+    dev = ts[0].device
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t, norm_type, dtype=torch.float32).to(dev) for t in ts]), norm_type)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(f"Grass.clip_grad_norm_: the total norm of order {norm_type} of the gradients is non-finite")
+    self.last_grad_norm = total
+    if max_norm != float('inf'):
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for t in ts: t.mul_(coef.to(t.device))
+    return total
+
+# %% ../nbs/11_grass.ipynb #ceb346c9
+def _blind_trainer():
+    "The HF `Trainer` on the call stack, if it clips with `max_grad_norm` through accelerate's (Grass-blind) `clip_grad_norm_`."
+    f = sys._getframe(1)
+    for _ in range(32):
+        f = f.f_back
+        if f is None: return None
+        obj = f.f_locals.get('self')
+        if obj is not None and any(c.__name__ == 'Trainer' and c.__module__.startswith('transformers') for c in type(obj).__mro__):
+            mgn = getattr(getattr(obj, 'args', None), 'max_grad_norm', 0) or 0
+            clip = getattr(getattr(obj, 'accelerator', None), 'clip_grad_norm_', None)
+            return obj if mgn > 0 and not getattr(clip, '_grass', False) else None
+    return None
+
+def grass_trainer(trainer, # a transformers `Trainer` whose optimizer is a `Grass` (accelerate may wrap it)
+                 ):
+    "Route `trainer`'s own gradient clipping (`max_grad_norm`) and its logged `grad_norm` through `Grass.clip_grad_norm_`; return `trainer`."
+    acc = trainer.accelerator; orig = acc.clip_grad_norm_
+    if getattr(orig, '_grass', False): return trainer
+    def clip_grad_norm_(parameters, max_norm, norm_type=2):
+        opt = trainer.optimizer
+        while opt is not None and not hasattr(opt, '_unscale_slots_') and hasattr(opt, 'optimizer'): opt = opt.optimizer   # unwrap to the Grass
+        if not hasattr(opt, '_unscale_slots_'): return orig(parameters, max_norm, norm_type)
+        acc.unscale_gradients()   # fp16: GradScaler.unscale_, which now includes the compact buffers
+        return opt.clip_grad_norm_(max_norm, norm_type)
+    clip_grad_norm_._grass = True
+    acc.clip_grad_norm_ = clip_grad_norm_
+    return trainer
+
+# %% ../nbs/11_grass.ipynb #142bb00d
+@patch
+def _unscale_slots_(self:Grass, inv_scale, found_inf, per_device, allow_fp16):
+    "GradScaler hook: unscale the compact/full buffers in place, recording inf/NaN in the scaler's per-device `found_inf`."
+    groups = defaultdict(list)
+    for p in self.targeted:
+        for t in (p.grass_slot.compact, p.grass_slot.full):
+            if t is None: continue
+            if not allow_fp16 and t.dtype == torch.float16: raise ValueError("Attempting to unscale FP16 gradients.")
+            groups[(t.device, t.dtype)].append(t)
+    for (dev, _), ts in groups.items():
+        if dev not in per_device: per_device[dev] = found_inf.to(dev, copy=True)
+        torch._amp_foreach_non_finite_check_and_unscale_(ts, per_device[dev], inv_scale.to(dev))
+
+def _patch_grad_scaler():
+    "Make `torch.amp.GradScaler` (and subclasses that keep its `_unscale_grads_`) unscale and inf-check Grass's gradient buffers."
+    cls = torch.amp.GradScaler; orig = cls._unscale_grads_
+    if getattr(orig, '_grass', False): return
+    def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
+        out = orig(self, optimizer, inv_scale, found_inf, allow_fp16)
+        hook = getattr(optimizer, '_unscale_slots_', None)   # a Grass (by duck type: the class may be re-defined, e.g. in a notebook)
+        if hook is not None: hook(inv_scale, found_inf, out, allow_fp16)
+        return out
+    _unscale_grads_._grass = True
+    cls._unscale_grads_ = _unscale_grads_
+
+_patch_grad_scaler()
+
+# %% ../nbs/11_grass.ipynb #c548c582
 @patch
 def _should_sync(self:Grass) -> bool:
     if self.sync_grads is False: return False
     on = dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1
-    if self.sync_grads and not on: raise RuntimeError("Grass: sync_grads=True but torch.distributed is not initialised with more than one rank")
+    if self.sync_grads is not None and not on: raise RuntimeError(f"Grass: sync_grads={self.sync_grads!r} but torch.distributed is not initialised with more than one rank")
     return on
 
 @patch
-def _all_reduce(self:Grass, work):
-    "Average every gradient in `work` over the ranks with one flat all-reduce; return `work` with the averaged tensors."
-    ts = [(f if f is not None else c) if self.param_groups[gi].get('rank') else p.grad for gi, pi, p, f, c in work]
-    flat = torch.cat([t.reshape(-1) for t in ts])
-    self.comm_bytes = flat.numel() * flat.element_size()
-    dist.all_reduce(flat, group=self.process_group)
-    flat /= dist.get_world_size(self.process_group)
-    out, o = [], 0
-    for (gi, pi, p, f, c), t in zip(work, ts):
-        r = flat[o:o + t.numel()].view_as(t); o += t.numel()
-        if not self.param_groups[gi].get('rank'): p.grad.copy_(r); out.append((gi, pi, p, f, c))
-        elif f is not None: out.append((gi, pi, p, r, None))
-        else: out.append((gi, pi, p, None, r))
-    return out
+def _sync_mode(self:Grass) -> str|None:
+    "None (no all-reduce), 'all' (every gradient) or 'slots' (targeted weights only: DDP reduced the others)."
+    if not self._should_sync(): return None
+    if self.sync_grads in ('all', 'slots'): return self.sync_grads
+    flags = [p.grass_slot.ddp_sync for p in self.targeted if p.grass_slot.ddp_sync is not None]
+    return 'slots' if flags and all(flags) else 'all'
 
-# %% ../nbs/11_grass.ipynb #bd7b3314
+@patch
+def _wire_shape(self:Grass, p, targeted:bool):
+    "Shape of the gradient `p` sends this step: full or compact for a targeted weight (same on every rank), `p.shape` otherwise."
+    s = getattr(p, 'grass_slot', None)
+    if not targeted or s.refresh or s.idx is None: return tuple(p.shape)
+    return (len(s.idx), p.shape[1]) if s.dim == 0 else (p.shape[0], len(s.idx))
+
+@patch
+def _all_reduce(self:Grass, work, mode:str='all'):
+    "Average the gradients in `work` over the ranks, in place (slot buffers, `.grad`s): a presence mask, then one flat all-reduce per dtype."
+    pg = self.process_group; world = dist.get_world_size(pg)
+    have = {id(p): t for (gi, pi, p, f, c), t in zip(work, self._tensors(work))}
+    cands = [(g, p) for g in self.param_groups for p in g['params'] if p.requires_grad and (mode == 'all' or _targeted(g))]
+    self.comm_bytes = 0
+    if not cands: return
+    mask = torch.tensor([id(p) in have for g, p in cands], dtype=torch.int32, device=cands[0][1].device)
+    dist.all_reduce(mask, group=pg); self.comm_bytes += mask.numel() * mask.element_size()
+    buckets = defaultdict(list)   # (device, dtype) -> [(group, param, shape, local gradient or None)], the same order on every rank
+    for (g, p), n in zip(cands, mask.tolist()):
+        if not n: continue   # no rank has a gradient for p
+        shape, t = self._wire_shape(p, _targeted(g)), have.get(id(p))
+        if t is not None and tuple(t.shape) != shape: raise RuntimeError(f"Grass: gradient of {getattr(p, 'grass_slot', GrassSlot()).name or tuple(p.shape)} has shape {tuple(t.shape)}, expected {shape} on every rank")
+        buckets[(p.device, p.dtype)].append((g, p, shape, t))
+    for (dev, dt), items in buckets.items():
+        flat = torch.cat([(t.to(dt) if t is not None else torch.zeros(shape, dtype=dt, device=dev)).reshape(-1) for g, p, shape, t in items])
+        flat.div_(world)
+        dist.all_reduce(flat, group=pg); self.comm_bytes += flat.numel() * flat.element_size()
+        o = 0
+        for g, p, shape, t in items:
+            n = math.prod(shape); r = flat[o:o + n].view(shape); o += n
+            if _targeted(g):
+                if p.grass_slot.refresh or p.grass_slot.idx is None: p.grass_slot.full = r
+                else: p.grass_slot.compact = r
+            elif p.grad is None: p.grad = r
+            else: p.grad.copy_(r)
+
+@patch
+@torch.no_grad()
+def broadcast_params(self:Grass, src:int=0): # rank (in `process_group`) to copy from
+    "Copy every parameter of the optimizer from rank `src`, as DDP does at construction for the weights it does not ignore."
+    g_src = dist.get_global_rank(self.process_group, src) if self.process_group is not None else src
+    for g in self.param_groups:
+        for p in g['params']: dist.broadcast(p.data, g_src, group=self.process_group)
+
+def _bits_sum(t):
+    "An order-independent checksum of `t`'s bits (equal on every rank iff, with overwhelming odds, the tensors are)."
+    it = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return torch.sum(t.detach().contiguous().view(it), dtype=torch.int64)
+
+@patch
+def _first_step_checks(self:Grass):
+    self._first = False
+    tr = _blind_trainer()
+    if tr is not None:
+        warnings.warn(f"Grass: Trainer clips with max_grad_norm={tr.args.max_grad_norm} over the dense .grads only: the targeted weights' gradients live in "
+                      "Grass's compact buffers, so both the clipping and the logged grad_norm are blind to them. Call grass_trainer(trainer) so that "
+                      "Trainer's clipping uses Grass.clip_grad_norm_, or set max_grad_norm=0 and use Grass(max_grad_norm=...).", stacklevel=3)
+    if self.targeted and self._should_sync():
+        sums = torch.stack([_bits_sum(p) for p in self.targeted]); lo = sums.clone()
+        dist.all_reduce(sums, dist.ReduceOp.MAX, group=self.process_group); dist.all_reduce(lo, dist.ReduceOp.MIN, group=self.process_group)
+        bad = (sums != lo).nonzero()
+        if len(bad):
+            p = self.targeted[int(bad[0])]
+            raise RuntimeError(f"Grass: targeted weight {p.grass_slot.name or tuple(p.shape)} differs across ranks at the first step: DistributedDataParallel does not "
+                               "broadcast the weights grass_model makes it ignore; seed every rank identically or call opt.broadcast_params() before training")
+
+# %% ../nbs/11_grass.ipynb #3962ec1d
 def grass_param_groups(model:nn.Module, # the model (patch it with `grass_model` for the sparse backward)
                        rank:int, # r for every targeted weight
                        targets=('attn', 'mlp'), # Linear module names containing one of these are targeted
