@@ -17,7 +17,7 @@ from .memoryllm import MemoryLLM
 from .hf import register_auto, drop_auto_kwargs
 from .ltm import LTM
 from .checkpoint import read_config, tensor_shape, check_state_dict
-from .retriever import Retriever, retrieve, retrieval_weights, retriever_loss
+from .retriever import Retriever, retrieve, retrieve_batch, retrieval_weights, retriever_loss
 
 # %% ../nbs/08_mplus.ipynb #fbd19522
 AGE_SEMANTICS = ('training', 'official')
@@ -135,9 +135,9 @@ def retrieve_rows(self:MPlus, layer_idx:int, # decoder layer
     "Score layer `layer_idx`'s LTM against each prompt (its non-padding tokens) and gather the top R rows, oldest first."
     layer = self.layers[layer_idx]
     q = self.retriever.queries(layer_idx, layer.input_layernorm(hidden))          # [B, T, dk]
-    mask = query_mask
-    keys, ages = self.ltm.keys(layer_idx), self.ltm.ages(layer_idx)               # CPU
-    idx = torch.stack([retrieve(q[b] if mask is None else q[b][mask[b]], keys, ages, self.k_ltm) for b in range(q.shape[0])])
+    qs = q.detach().unbind(0) if query_mask is None else [q[b].detach()[query_mask[b]] for b in range(q.shape[0])]
+    keys, ages = self.ltm.keys(layer_idx), self.ltm.ages(layer_idx)               # CPU, as stored: no conversion per call
+    idx = retrieve_batch(qs, keys, ages, self.k_ltm)                               # [B, R]: one pass over the keys for all prompts
     self.last_retrieval[layer_idx] = idx                                          # [B, R]
     rows = self.ltm.gather(layer_idx, idx.flatten()).view(*idx.shape, self.d)
     return rows.to(hidden.device, hidden.dtype)

@@ -1,4 +1,4 @@
-"Run the M+ benchmark notebook end to end through papermill with tiny parameters."
+"Run the M+ benchmark notebook end to end through papermill with tiny parameters (correctness of what it reports; no timings)."
 import json
 from pathlib import Path
 from memnb.cli import run_experiment
@@ -7,11 +7,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_mplus_bench_runs(tmp_path):
     out = tmp_path/'results.json'
-    run_experiment('mplus_bench', out_dir=tmp_path, html=False, progress=False, params=dict(ltm_entries=3000, dk=16, d=32, prompt_tokens=8, k=64, reps=1, threads=1,
+    run_experiment('mplus_bench', out_dir=tmp_path, html=False, progress=False, params=dict(ltm_entries=70_000, dk=16, d=32, prompt_tokens=8, k=64, reps=1, threads=1,
                                                gen_layers=2, gen_d=64, gen_K=8, gen_stm_blocks=2, gen_ltm_blocks=1,
                                                gen_prompt=8, gen_new=3, gen_ltm_entries=200,
                                                big_entries=5000, big_d=64, big_prompt=8, big_reps=1))
     r = json.loads(out.read_text())
-    assert r['retrieval']['overlap_with_naive'] > 0.9
+    ret = r['retrieval']
+    assert ret['identical_to_streamed']                         # the screened M+ path = the previous one-pass path, row for row
+    assert 64 <= ret['candidates'] < 70_000                     # the screen ran and ruled rows out (70k rows: above its threshold)
+    assert ret['overlap_with_naive'] > 0.9
+    for key in ('gemm_GFLOPs', 'screen_fraction_of_gemm', 'read_fraction_of_bandwidth', 'peak_extra_fraction_of_naive', 'streamed_ms'):
+        assert ret[key] > 0, key
     assert r['generate']['prefix_memoryllm'] == r['generate']['prefix_mplus']
     assert r['rss']['ram']['rows_checksum'] == r['rss']['disk']['rows_checksum']
+    assert set(r['targets']) >= {'retrieval >= 2x naive', 'generate M+ / MemoryLLM <= 1.2'}
