@@ -45,16 +45,6 @@ class _Page(HTMLParser):
         if self._in == 'title': self.title += data
 
 
-def _once(tmp_path_factory, name, build):
-    "A folder `build(folder)` fills once per session, shared by pytest-xdist's workers (their temp folders share a parent)."
-    if not os.environ.get('PYTEST_XDIST_WORKER'): d = tmp_path_factory.mktemp(name); build(d); return d
-    from filelock import FileLock
-    d = tmp_path_factory.getbasetemp().parent/name
-    with FileLock(str(d) + '.lock'):
-        if not (d/'.done').exists():
-            shutil.rmtree(d, ignore_errors=True); d.mkdir(); build(d); (d/'.done').touch()
-    return d
-
 def _build(out):
     t0 = time.time()
     r = subprocess.run(['bash', str(ROOT/'scripts'/'docs.sh'), str(out/'site')], capture_output=True, text=True, timeout=300,
@@ -63,8 +53,8 @@ def _build(out):
     print(f'docs built in {time.time() - t0:.0f} s: {r.stdout.strip()}')
 
 @pytest.fixture(scope='module')
-def docs(tmp_path_factory):
-    out = _once(tmp_path_factory, 'docs', _build)/'site'
+def docs(build_once):
+    out = build_once('docs', _build)/'site'
     pages = {}
     for f in sorted(out.rglob('*.html')):
         p = _Page(); p.text = f.read_text(); p.feed(p.text); pages[f.relative_to(out).as_posix()] = p

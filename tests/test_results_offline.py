@@ -14,16 +14,6 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def _once(tmp_path_factory, name, build):
-    "A folder `build(folder)` fills once per session, shared by pytest-xdist's workers (their temp folders share a parent)."
-    if not os.environ.get('PYTEST_XDIST_WORKER'): d = tmp_path_factory.mktemp(name); build(d); return d
-    from filelock import FileLock
-    d = tmp_path_factory.getbasetemp().parent/name
-    with FileLock(str(d) + '.lock'):
-        if not (d/'.done').exists():
-            shutil.rmtree(d, ignore_errors=True); d.mkdir(); build(d); (d/'.done').touch()
-    return d
-
 def _small_run(d):
     model, recall = '', True
     if not tiny.has_weights():   # an untrained stand-in when no weights are committed (it cannot pass the recall check)
@@ -33,9 +23,9 @@ def _small_run(d):
                    out_dir=d/'run', progress=False)
 
 @pytest.fixture(scope='module')
-def run(tmp_path_factory):
+def run(build_once):
     "A small retention run with its HTML copy; distances up to 3N/K = 24 so the dotted line is drawn."
-    out = _once(tmp_path_factory, 'retention_offline', _small_run)/'run'
+    out = build_once('retention_offline', _small_run)/'run'
     return out, nbformat.read(str(out/'retention.ipynb'), as_version=4), (out/'retention.html').read_text()
 
 def _outputs(nb, mime):
