@@ -12,7 +12,7 @@ __all__ = ['NB_FOLDERS', 'OFFLINE_TEMPLATE', 'WIDGET_VIEW', 'MIN_GAP', 'MIN_HITS
 import argparse, ast, json, re, sys, textwrap, time
 from pathlib import Path
 
-# %% ../nbs/12_cli.ipynb #1d9c9feb
+# %% ../nbs/12_cli.ipynb #61bd3db9
 NB_FOLDERS = ('experiments', 'benchmarks')
 
 def default_nbs_dir() -> Path:
@@ -29,7 +29,7 @@ def list_experiments(nbs_dir=None) -> dict:
             if not p.name.startswith(('_', '.')): found[p.stem] = p
     return found
 
-# %% ../nbs/12_cli.ipynb #17b4789a
+# %% ../nbs/12_cli.ipynb #69348164
 def find_experiment(name:str, nbs_dir=None) -> Path:
     "Path of experiment `name`; an unknown name is a `ValueError` listing the known ones."
     exps = list_experiments(nbs_dir)
@@ -37,7 +37,7 @@ def find_experiment(name:str, nbs_dir=None) -> Path:
         raise ValueError(f"unknown experiment {name!r}; known experiments: {', '.join(sorted(exps)) or '(none found in ' + str(nbs_dir or default_nbs_dir()) + ')'}")
     return exps[name]
 
-# %% ../nbs/12_cli.ipynb #63dead85
+# %% ../nbs/12_cli.ipynb #60615ffa
 def declared_params(nb_path) -> dict:
     "The notebook's parameters: name -> (type name, default source text)."
     from papermill.inspection import inspect_notebook
@@ -48,7 +48,7 @@ def parse_value(text:str):
     try: return ast.literal_eval(text)
     except (ValueError, SyntaxError): return text
 
-# %% ../nbs/12_cli.ipynb #29fe37b2
+# %% ../nbs/12_cli.ipynb #8f6d3506
 _TYPES = {'int': (int,), 'float': (int, float), 'str': (str,), 'bool': (bool,), 'list': (list, tuple),
           'dict': (dict,), 'tuple': (tuple, list)}
 
@@ -66,7 +66,7 @@ def check_params(nb_path, # the experiment notebook
             raise ValueError(f"{Path(nb_path).stem}: parameter {k!r} must be {decl[k][0]}, got {v!r} ({type(v).__name__})")
     return params
 
-# %% ../nbs/12_cli.ipynb #836cdc6a
+# %% ../nbs/12_cli.ipynb #5e42dac5
 OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 {%- block html_head_js -%}{%- endblock html_head_js -%}
 {%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
@@ -81,7 +81,7 @@ def offline_exporter(template:str=OFFLINE_TEMPLATE, # Jinja source extending nbc
     from nbconvert import HTMLExporter
     return HTMLExporter(extra_loaders=[jinja2.DictLoader({'memnb_offline.html.j2': template})], template_file='memnb_offline.html.j2')
 
-# %% ../nbs/12_cli.ipynb #2ec8ca6a
+# %% ../nbs/12_cli.ipynb #d69de69f
 WIDGET_VIEW = 'application/vnd.jupyter.widget-view+json'
 
 def strip_widgets(nb, # a notebook (`nbformat` node or the plain dict), changed in place
@@ -99,7 +99,7 @@ def strip_widgets(nb, # a notebook (`nbformat` node or the plain dict), changed 
             n += 1
     return n
 
-# %% ../nbs/12_cli.ipynb #47c785cd
+# %% ../nbs/12_cli.ipynb #33730cf6
 def export_html(nb_path, # the executed notebook
                 html_path, # the HTML file to write
                 figures=(), # PNG files to embed at the end unless a cell already displays them
@@ -118,7 +118,7 @@ def export_html(nb_path, # the executed notebook
     body, _ = offline_exporter().from_notebook_node(nb, resources=dict(metadata=dict(name=h1[0] if h1 else Path(nb_path).stem)))
     Path(html_path).write_text(body)
 
-# %% ../nbs/12_cli.ipynb #e741eded
+# %% ../nbs/12_cli.ipynb #518c4207
 def output_dir(name:str, # experiment name
                out_dir=None, # the folder asked for; default `runs/<name>`
               ) -> Path:
@@ -132,7 +132,7 @@ def output_dir(name:str, # experiment name
             break
     return out
 
-# %% ../nbs/12_cli.ipynb #09025528
+# %% ../nbs/12_cli.ipynb #b0b1ec64
 def run_experiment(name:str, # experiment name (notebook stem)
                    params:dict|None=None, # parameters passed to papermill
                    out_dir=None, # folder for the outputs; default `runs/<name>`
@@ -163,7 +163,7 @@ def run_experiment(name:str, # experiment name (notebook stem)
                                                 seconds=round(time.time() - t0, 1)), indent=1))
     return out
 
-# %% ../nbs/12_cli.ipynb #140aceff
+# %% ../nbs/12_cli.ipynb #20082a8c
 def versions() -> dict:
     "Versions of python, torch, transformers, peft and papermill (None when not installed), read without importing them."
     from importlib.metadata import version, PackageNotFoundError
@@ -173,7 +173,7 @@ def versions() -> dict:
         except PackageNotFoundError: out[name] = None
     return out
 
-# %% ../nbs/12_cli.ipynb #460b0848
+# %% ../nbs/12_cli.ipynb #e5e36a83
 def op_backends(device='cpu', # the device the ops would run on
                ) -> dict:
     "Op name -> 'cuda', 'cpp' or 'torch' (the reference) for every `memnb.ops` op and `pkm_retrieve`; builds the kernels on first use."
@@ -189,7 +189,7 @@ def op_backends(device='cpu', # the device the ops would run on
         out['pkm_retrieve'] = ('cpp' if key == 'CPU' else 'cuda') if has else 'torch'
     return out
 
-# %% ../nbs/12_cli.ipynb #19960b9f
+# %% ../nbs/12_cli.ipynb #072a30b0
 MIN_GAP = 0.2   # recall right after writing must beat the no-memory baseline by this share of the facts
 MIN_HITS = 2    # and reach at least this many facts (all of them when fewer are asked)
 
@@ -214,7 +214,7 @@ def generation_hint(v:dict|None=None, # `versions()`, computed when not given
     return (f"this usually means generation does not read the memory with torch {v['torch']} / transformers {v['transformers']} "
             "(a torch or transformers version memnb does not work with)")
 
-# %% ../nbs/12_cli.ipynb #f979891c
+# %% ../nbs/12_cli.ipynb #be62b99d
 def tiny_recall(n_facts:int=3, # facts written and asked back, one at a time
                 seed:int=1234, # seeds the facts and the filler (training used seed 0)
                 prefill:int=8, # filler chunks written first, as the retention experiment does
@@ -235,7 +235,7 @@ def tiny_recall(n_facts:int=3, # facts written and asked back, one at a time
             text = filler(rng, tiny.CHUNK)
             for m in models.values(): m.update_memory(m.write_delta(enc(text)))
         snaps = {k: m.snapshot() for k, m in models.items()}
-        facts = [random_fact(rng) for _ in range(n_facts)]
+        facts = [random_fact(rng, 'eval', 'passcode') for _ in range(n_facts)]   # held-out names and codes
         chunks = [fact_chunk(f, rng, tiny.CHUNK) for f in facts]
         for name in hits:
             mem = 'MemoryLLM' if name == 'no memory' else name
@@ -251,7 +251,7 @@ def tiny_recall(n_facts:int=3, # facts written and asked back, one at a time
             m.restore(snaps[mem])
     return dict(hits=hits, n=n_facts, codes=[f.answer for f in facts], answers=answers)
 
-# %% ../nbs/12_cli.ipynb #8baba0ef
+# %% ../nbs/12_cli.ipynb #f1462c39
 def check(n_facts:int=3, # facts for the write-then-recall check
           path=None, # a tiny-model folder; default the packaged weights
          ) -> dict:
@@ -289,9 +289,9 @@ def format_check(r:dict) -> str:
         lines.append(f"{'answers':13s} to {rec['codes'][0]}: " + ', '.join(f"{k} {a[0]!r}" for k, a in rec['answers'].items()))
     return '\n'.join(lines + [f"{'seconds':13s} {r['seconds']}", r['verdict']])
 
-# %% ../nbs/12_cli.ipynb #4231e254
+# %% ../nbs/12_cli.ipynb #16d8414a
 EXAMPLES = dict(  # experiment -> the arguments of one quick example run
-    retention='-p n_facts 10 -p max_distance 8',
+    retention='-p episodes 2 -p max_distance 16',
     train_tiny='-p minutes 5 -o runs/tiny5',
     tiny_soak='-p writes 1000',
     grass_bench='-p steps 60 -p optimizers adamw,grass',
@@ -336,7 +336,7 @@ def _parser():
     c.add_argument('--weights', help='a tiny-model folder to check instead of the packaged weights')
     return p
 
-# %% ../nbs/12_cli.ipynb #19252b11
+# %% ../nbs/12_cli.ipynb #a0d7e223
 def main(argv=None) -> int:
     "Entry point of the `memnb` command."
     args = _parser().parse_args(argv)

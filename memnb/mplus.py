@@ -181,7 +181,7 @@ def clear_memory_cache(self:MPlus):
     "Forget cached prefix K/V (also refreshed automatically after writes, restores, loads and weight updates)."
     MemoryLLM.clear_memory_cache(self); self._stm_kv = None
 
-# %% ../nbs/08_mplus.ipynb #a477c76e
+# %% ../nbs/08_mplus.ipynb #4b0a1bfd
 @patch
 def as_memoryllm(self:MPlus, seed:int|None=None, # drop seed of the view's memory; default this model's
                  **kwargs, # more `MemoryLLM` arguments (chunk_size, min_chunk, attn_backend); default this model's
@@ -198,7 +198,7 @@ def as_memoryllm(self:MPlus, seed:int|None=None, # drop seed of the view's memor
     m.memory.ages, m.memory.sources, m.memory.step = mem.ages.clone(), mem.sources.clone(), mem.step
     return m.train(self.training)
 
-# %% ../nbs/08_mplus.ipynb #71012e26
+# %% ../nbs/08_mplus.ipynb #e86f54da
 _MPLUS_FIELDS = ('num_ltm_blocks', 'ltm_initial_size', 'update_ltm_mode', 'update_ltm_frequency', 'decay_frequency',
                  'initial_rf_when_moving_stm_to_ltm', 'add_selector', 'selector_hidden_dim', 'num_selector_layers', 'selector_layers',
                  'map_from_hidden_states', 'detach_hidden_state', 'add_encoder_retriever', 'maintain_memory_keys')
@@ -232,7 +232,7 @@ def mplus_kwargs(cfg:dict, # the checkpoint's config.json
         if f in cfg: kw[f] = cfg[f]
     return kw
 
-# %% ../nbs/08_mplus.ipynb #e86f54da
+# %% ../nbs/08_mplus.ipynb #dbd94db7
 @patch
 def official_state_dict(self:MPlus) -> dict:
     "MemoryLLM's official tensors (minus `initialized`) + retriever projectors + the LTM, in the mplus-8b layout."
@@ -257,7 +257,7 @@ def load_official_state_dict(self:MPlus, sd:dict): # name -> tensor, mplus-8b la
     self.memory.ltm = ltm
     self.clear_memory_cache()
 
-# %% ../nbs/08_mplus.ipynb #dbd94db7
+# %% ../nbs/08_mplus.ipynb #ac08e40f
 @patch(cls_method=True)
 def from_pretrained(cls:MPlus, path, # a local M+ checkpoint directory (config.json + weights, mplus-8b layout)
                     dtype=None, # cast weights, memory and LTM to this dtype (default: as stored)
@@ -287,7 +287,7 @@ def checkpoint_config(self:MPlus) -> dict:
 
 register_auto(MPlusConfig, MPlus)
 
-# %% ../nbs/08_mplus.ipynb #faf093ac
+# %% ../nbs/08_mplus.ipynb #13233fa7
 @patch
 def related_slots(self:MPlus, writes) -> torch.Tensor: # writes: write ids, as returned by `inject`
     "[L, N] bool: True for STM slots that came from one of `writes` (the retriever's positive labels)."
@@ -330,3 +330,27 @@ def param_groups(self:MPlus, lr:float, # learning rate of every trainable non-re
     ret = [p for p in self.retriever.parameters() if p.requires_grad]; ids = {id(p) for p in ret}
     rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
     return [dict(params=rest, lr=lr), dict(params=ret, lr=retriever_lr)]
+
+# %% ../nbs/08_mplus.ipynb #fa37c30b
+@patch
+def memory_retriever_loss(self:MPlus, layer_inputs:list, # each layer's input [B, T, d] (`forward(..., layer_inputs=xs)`)
+                          memory:torch.Tensor, # [B, L, M, d] the memories that were read
+                          query_mask:torch.Tensor, # [B, T] bool: the question tokens that query
+                          related:torch.Tensor, # [B, L, M] bool: slots from the asked fact
+                          rows=None, # [B] bool: the questions that count (default all)
+                         ) -> torch.Tensor: # scalar
+    "M+'s retriever loss over per-question memories: mean of `retriever_loss` over layers and counted questions."
+    B, L, M, _ = memory.shape
+    if len(layer_inputs) != self.L or L != self.L or tuple(related.shape) != (B, L, M) or tuple(query_mask.shape[:1]) != (B,):
+        raise ValueError(f"MPlus.memory_retriever_loss: need {self.L} layer inputs, memory [B, {self.L}, M, d], related [B, {self.L}, M], query_mask [B, T]; "
+                         f"got {len(layer_inputs)}, {tuple(memory.shape)}, {tuple(related.shape)}, {tuple(query_mask.shape)}")
+    rows = torch.ones(B, dtype=torch.bool) if rows is None else torch.as_tensor(rows, dtype=torch.bool)
+    if not rows.any(): raise ValueError("MPlus.memory_retriever_loss: no question counts (`rows` is all False)")
+    qm = query_mask.to(memory.dtype)
+    out = []
+    for l, layer in enumerate(self.layers):
+        q = self.retriever.queries(l, layer.input_layernorm(layer_inputs[l]))               # [B, T, dk]
+        k = self.retriever.keys(l, layer.input_layernorm(memory[:, l]))                     # [B, M, dk]
+        w = (torch.sigmoid(q @ k.transpose(1, 2)) * qm[..., None]).sum(1) / qm.sum(1, keepdim=True)   # [B, M]
+        out += [retriever_loss(w[b], related[b, l]) for b in range(B) if rows[b]]
+    return torch.stack(out).mean()

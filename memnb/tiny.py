@@ -40,11 +40,14 @@ def tiny_config(**kw) -> LlamaConfig:
     return LlamaConfig(**(c | kw))
 
 def build_tiny(seed:int=0, # seeds the initial weights
+               num_tokens:int=NUM_TOKENS, # K, states written per chunk
+               stm_blocks:int=STM_BLOCKS, # N = K * stm_blocks pool slots per layer
+               ltm_blocks:int=LTM_BLOCKS, # R = K * ltm_blocks retrieved rows per layer
                **cfg): # overrides of `tiny_config`
     "A freshly initialised tiny M+ model (MemoryLLM memory + LTM + retriever), ready to train."
     torch.manual_seed(seed)
     lm = LlamaForCausalLM(tiny_config(**cfg))
-    return MPlus(lm, num_tokens=NUM_TOKENS, num_blocks=STM_BLOCKS + LTM_BLOCKS, num_ltm_blocks=LTM_BLOCKS,
+    return MPlus(lm, num_tokens=num_tokens, num_blocks=stm_blocks + ltm_blocks, num_ltm_blocks=ltm_blocks,
                  retriever_hidden=128, retriever_dim=64, ltm_policy='cap', ltm_cap=1 << 20, update_ltm_frequency=1,
                  chunk_size=CHUNK, seed=seed)
 

@@ -14,7 +14,8 @@ def test_layers_bench_tiny(tmp_path):
                                         threads='1', peer=has_peer), out_dir=tmp_path, html=False, progress=False)
     res = json.loads(out.read_text())
     models = {r['model'] for r in res['results'].values()}
-    assert models == ({'memnb', 'ffn', 'peer'} if has_peer else {'memnb', 'ffn'})
+    fused = {'memnb_fused_sgd', 'memnb_fused_adam', 'memnb_dense_adam'}   # the fused sparse value update beside the dense layer + Adam
+    assert models == ({'memnb', 'ffn', 'peer'} | fused if has_peer else {'memnb', 'ffn'} | fused)
     assert all(r['tok_s'] > 0 and r['peak_extra_mib'] >= 0 for r in res['results'].values())
     assert res['config']['ffn_hidden'] == round((32*32 + 2*2*8*8 + 2*4*32) / 64)  # FLOP-matched FFN
     assert set(res['retrieval_s']) == {'fused@1', 'reference@1'}

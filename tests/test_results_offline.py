@@ -19,12 +19,12 @@ def _small_run(d):
     if not tiny.has_weights():   # an untrained stand-in when no weights are committed (it cannot pass the recall check)
         tiny.save_tiny(tiny.build_tiny(seed=0), d/'tiny', command='untrained (test)')
         model, recall = str(d/'tiny'), False
-    run_experiment('retention', dict(n_facts=3, distances=[0, 1, 24], prefill=1, model=model, require_recall=recall),
+    run_experiment('retention', dict(n_facts=3, episodes=1, prefill_seeds=[0], distances=[0, 1, 24, 48], prefill=1, model=model, require_recall=recall),
                    out_dir=d/'run', progress=False)
 
 @pytest.fixture(scope='module')
 def run(build_once):
-    "A small retention run with its HTML copy; distances up to 3N/K = 24 so the dotted line is drawn."
+    "A small retention run with its HTML copy; distances up to 48 >= 3N/K so the dotted line is drawn."
     out = build_once('retention_offline', _small_run)/'run'
     return out, nbformat.read(str(out/'retention.ipynb'), as_version=4), (out/'retention.html').read_text()
 
@@ -76,10 +76,11 @@ def test_prose_states_this_runs_numbers(run):
     out, nb, _ = run
     r = json.loads((out/'retention.json').read_text())
     said = ' '.join(''.join(m) for m in _outputs(nb, 'text/markdown') if 'This run' in ''.join(m))
-    assert said.startswith('**This run** (3 facts, seed 1234): at t = 1, the first distance after 0'), said
+    assert said.startswith('**This run** (3 questions per point: 1 episodes x 1 prefill seeds x 3 facts, seed 1234): at t = 1, the first distance after 0'), said
     for name in r['results']: assert f"{name} recalled {r['results'][name]['1']['acc']:.0%}" in said, (name, said)
     a = r['at_3N_over_K']
-    assert f"At t = 3N/K = 24: M+ {a['mplus']:.0%}, MemoryLLM {a['memoryllm']:.0%}." in said
+    assert f"At t = 3N/K = {a['t']}: M+ {a['mplus']:.0%}, MemoryLLM {a['memoryllm']:.0%}." in said and a['t'] == 3 * r['N'] // r['K']
+    assert f"The never-written name got a written value back in {r['false_recall']['MemoryLLM']['0']['acc']:.0%} (MemoryLLM)" in said
     src = nbformat.read(str(RETENTION), as_version=4)
     for c in src.cells:
         if c.cell_type != 'markdown': continue
@@ -93,7 +94,7 @@ def _plot(ts, K=32, N=256):
     names = ['MemoryLLM', 'M+', 'no memory']
     results = {n: {str(t): dict(acc=a, ci=[max(0, a - .1), min(1, a + .1)]) for t in ts} for n, a in zip(names, (.5, .9, 0.))}
     shown = []
-    ns = dict(ts=ts, names=names, results=results, acc0=1.0, floor=0.0, K=K, N=N, n_facts=3, out_dir='', summary={},
+    ns = dict(ts=ts, names=names, results=results, acc0=1.0, floor=0.0, K=K, N=N, n_facts=3, out_dir='', summary={}, phrasings=['cloze'],
               json=json, Path=Path, display=shown.append, Markdown=lambda s: s)
     exec(cell.source, ns)
     return ns['ax'], shown
