@@ -210,7 +210,7 @@ def test_widgets_always_draw(lab, browser):
         finally: page.close()
     print('run-all seconds:', times)
 
-RETENTION_SMALL = dict(n_facts=3, max_distance=2, step=1, prefill=1, require_recall=False)
+RETENTION_SMALL = dict(n_facts=3, episodes=1, prefill_seeds=[0], max_distance=2, step=1, prefill=1, require_recall=False)
 
 def test_retention_live_curve(lab, browser):
     "The retention notebook (small parameters, in a copy) fills its live curve: every memory's line has a point per distance."
