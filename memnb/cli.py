@@ -6,7 +6,7 @@
 __all__ = ['NB_FOLDERS', 'OFFLINE_TEMPLATE', 'WIDGET_VIEW', 'MIN_GAP', 'MIN_HITS', 'EXAMPLES', 'default_nbs_dir',
            'list_experiments', 'find_experiment', 'declared_params', 'parse_value', 'check_params', 'offline_exporter',
            'strip_widgets', 'export_html', 'output_dir', 'run_experiment', 'versions', 'op_backends', 'recall_failure',
-           'generation_hint', 'tiny_recall', 'check', 'format_check', 'main']
+           'generation_hint', 'recall_after_write', 'tiny_recall', 'check', 'format_check', 'main']
 
 # %% ../nbs/12_cli.ipynb #dbc58c2c
 import argparse, ast, json, re, sys, textwrap, time
@@ -215,6 +215,34 @@ def generation_hint(v:dict|None=None, # `versions()`, computed when not given
             "(a torch or transformers version memnb does not work with)")
 
 # %% ../nbs/12_cli.ipynb #be62b99d
+def recall_after_write(models:dict, # name -> MemoryLLM / MPlus, each at the memory to start from (restored afterwards)
+                       tok, # their tokenizer
+                       facts:list, # `memnb.data.Fact`s, written and asked one at a time
+                       chunk:int, # chunk length in tokens of each written fact chunk
+                       rng, # draws the filler around each fact (`memnb.data.fact_chunk`)
+                       max_new_tokens:int=6, # greedy tokens generated per answer
+                      ) -> dict:
+    "Write each fact alone into every memory and ask `fact.question` at once; 'no memory' asks the first model without it. Returns hits and answers per name."
+    import torch
+    from memnb.data import fact_chunk
+    enc = lambda s: torch.tensor(tok(s, add_special_tokens=False).input_ids, dtype=torch.long)
+    chunks = [fact_chunk(f, rng, chunk) for f in facts]
+    first = next(iter(models))
+    hits, answers = {k: 0 for k in [*models, 'no memory']}, {}
+    with torch.no_grad():
+        for name in hits:
+            m = models[first if name == 'no memory' else name]; snap = m.snapshot()
+            for fact, c in zip(facts, chunks):
+                m.restore(snap)
+                if name != 'no memory': m.update_memory(m.write_delta(enc(c)))
+                ids = enc(fact.question)[None].to(m.device)
+                out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id or 0)
+                ans = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                hits[name] += fact.answer in ans; answers.setdefault(name, []).append(ans)
+            m.restore(snap)
+    return dict(hits=hits, answers=answers)
+
 def tiny_recall(n_facts:int=3, # facts written and asked back, one at a time
                 seed:int=1234, # seeds the facts and the filler (training used seed 0)
                 prefill:int=8, # filler chunks written first, as the retention experiment does
@@ -224,32 +252,16 @@ def tiny_recall(n_facts:int=3, # facts written and asked back, one at a time
     "Write each fact into MemoryLLM and M+ and ask it back at once (retention at t=0); the same questions without the fact give the baseline."
     import random, torch
     from memnb import tiny
-    from memnb.data import random_fact, fact_chunk, filler
+    from memnb.data import random_fact, filler
     tok = tiny.tokenizer()
-    enc = lambda s: tiny.encode(s, tok)
     models = {'MemoryLLM': tiny.load_tiny('memoryllm', path, seed=seed), 'M+': tiny.load_tiny('mplus', path, seed=seed)}
     rng = random.Random(seed)
-    hits, answers = {k: 0 for k in [*models, 'no memory']}, {}
     with torch.no_grad():
         for _ in range(prefill):
-            text = filler(rng, tiny.CHUNK)
-            for m in models.values(): m.update_memory(m.write_delta(enc(text)))
-        snaps = {k: m.snapshot() for k, m in models.items()}
-        facts = [random_fact(rng, 'eval', 'passcode') for _ in range(n_facts)]   # held-out names and codes
-        chunks = [fact_chunk(f, rng, tiny.CHUNK) for f in facts]
-        for name in hits:
-            mem = 'MemoryLLM' if name == 'no memory' else name
-            m = models[mem]
-            for fact, chunk in zip(facts, chunks):
-                m.restore(snaps[mem])
-                if name != 'no memory': m.update_memory(m.write_delta(enc(chunk)))
-                ids = enc(fact.question)[None]
-                out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-                ans = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-                hits[name] += fact.answer in ans; answers.setdefault(name, []).append(ans)
-            m.restore(snaps[mem])
-    return dict(hits=hits, n=n_facts, codes=[f.answer for f in facts], answers=answers)
+            text = tiny.encode(filler(rng, tiny.CHUNK), tok)
+            for m in models.values(): m.update_memory(m.write_delta(text))
+    facts = [random_fact(rng, 'eval', 'passcode') for _ in range(n_facts)]   # held-out names and codes
+    return dict(recall_after_write(models, tok, facts, tiny.CHUNK, rng, max_new_tokens), n=n_facts, codes=[f.answer for f in facts])
 
 # %% ../nbs/12_cli.ipynb #f1462c39
 def check(n_facts:int=3, # facts for the write-then-recall check

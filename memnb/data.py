@@ -171,9 +171,9 @@ def recall_episode(rng:random.Random, # source of randomness
     if n_facts < 1 or gap < 0 or not 0 <= distractor_frac <= 1:
         raise ValueError(f"recall_episode: need n_facts >= 1, gap >= 0, 0 <= distractor_frac <= 1; got {n_facts}, {gap}, {distractor_frac}")
     used, facts, distractors, chunks, where = set(), [], [], [], []
-    def fresh(**kw):
+    def fresh():
         while True:
-            f = random_fact(rng, split, rng.choice(relations), **kw)
+            f = random_fact(rng, split, rng.choice(relations))
             if f.name not in used and f.value not in used: used.update((f.name, f.value)); return f
     for _ in range(n_facts):
         for _ in range(gap):

@@ -346,11 +346,10 @@ def memory_retriever_loss(self:MPlus, layer_inputs:list, # each layer's input [B
                          f"got {len(layer_inputs)}, {tuple(memory.shape)}, {tuple(related.shape)}, {tuple(query_mask.shape)}")
     rows = torch.ones(B, dtype=torch.bool) if rows is None else torch.as_tensor(rows, dtype=torch.bool)
     if not rows.any(): raise ValueError("MPlus.memory_retriever_loss: no question counts (`rows` is all False)")
-    qm = query_mask.to(memory.dtype)
+    qm = query_mask.bool()
     out = []
     for l, layer in enumerate(self.layers):
         q = self.retriever.queries(l, layer.input_layernorm(layer_inputs[l]))               # [B, T, dk]
         k = self.retriever.keys(l, layer.input_layernorm(memory[:, l]))                     # [B, M, dk]
-        w = (torch.sigmoid(q @ k.transpose(1, 2)) * qm[..., None]).sum(1) / qm.sum(1, keepdim=True)   # [B, M]
-        out += [retriever_loss(w[b], related[b, l]) for b in range(B) if rows[b]]
+        out += [retriever_loss(retrieval_weights(q[b][qm[b]], k[b]), related[b, l]) for b in range(B) if rows[b]]
     return torch.stack(out).mean()

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
+#include "dot.h"
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -75,18 +76,7 @@ inline void axpy4(A* __restrict a, const V* __restrict r0, const V* __restrict r
     a[d] += w0 * static_cast<A>(r0[d]) + w1 * static_cast<A>(r1[d]) + w2 * static_cast<A>(r2[d]) + w3 * static_cast<A>(r3[d]);
 }
 
-// Σ_d a[d]·b[d] with 16 independent partial sums (vectorises without -ffast-math, deterministic order).
-template <typename A, typename G, typename V>
-inline A dot(const G* __restrict a, const V* __restrict b, int64_t D) {
-  A s[16] = {0};
-  int64_t d = 0;
-  for (; d + 16 <= D; d += 16)
-    for (int j = 0; j < 16; ++j) s[j] += static_cast<A>(a[d + j]) * static_cast<A>(b[d + j]);
-  A r = 0;
-  for (int j = 0; j < 16; ++j) r += s[j];
-  for (; d < D; ++d) r += static_cast<A>(a[d]) * static_cast<A>(b[d]);
-  return r;
-}
+using memnb_common::dot;   // dot.h: one definition for the dense and the fused backward
 
 template <typename I>
 void check_indices(const I* idx, int64_t n, int64_t N, const char* op) {

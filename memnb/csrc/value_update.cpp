@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
+#include "dot.h"
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -33,18 +34,7 @@ inline void axpy(A* __restrict a, const V* __restrict row, A w, int64_t D) {
   for (int64_t d = 0; d < D; ++d) a[d] += w * static_cast<A>(row[d]);
 }
 
-// the same 16-partial-sum dot product as ops.cpp, so dw matches the dense backward bit for bit
-template <typename A, typename G, typename V>
-inline A dot(const G* __restrict a, const V* __restrict b, int64_t D) {
-  A s[16] = {0};
-  int64_t d = 0;
-  for (; d + 16 <= D; d += 16)
-    for (int j = 0; j < 16; ++j) s[j] += static_cast<A>(a[d + j]) * static_cast<A>(b[d + j]);
-  A r = 0;
-  for (int j = 0; j < 16; ++j) r += s[j];
-  for (; d < D; ++d) r += static_cast<A>(a[d]) * static_cast<A>(b[d]);
-  return r;
-}
+using memnb_common::dot;   // dot.h: one definition for the dense and the fused backward
 
 // kind 0: SGD, row -= lr·acc. kind 1: Adam as torch.optim.SparseAdam:
 //   m = m + (acc - m)(1-β1);  v = v + (acc² - v)(1-β2);  row -= step_size · m / (√v + eps),
