@@ -137,7 +137,7 @@ def retrieve_rows(self:MPlus, layer_idx:int, # decoder layer
     q = self.retriever.queries(layer_idx, layer.input_layernorm(hidden))          # [B, T, dk]
     qs = q.detach().unbind(0) if query_mask is None else [q[b].detach()[query_mask[b]] for b in range(q.shape[0])]
     keys, ages = self.ltm.keys(layer_idx), self.ltm.ages(layer_idx)               # CPU, as stored: no conversion per call
-    idx = retrieve_batch(qs, keys, ages, self.k_ltm)                               # [B, R]: one pass over the keys for all prompts
+    idx = retrieve_batch(qs, keys, ages, self.k_ltm)                               # [B, R], each prompt scored on its own tokens
     self.last_retrieval[layer_idx] = idx                                          # [B, R]
     rows = self.ltm.gather(layer_idx, idx.flatten()).view(*idx.shape, self.d)
     return rows.to(hidden.device, hidden.dtype)

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['CSRC', 'headers_tag', 'build_lock_state', 'wait_build_lock', 'load_extension', 'backend', 'embedding_bag_wsum_ref',
            'embedding_bag_wsum_backward_ref', 'embedding_bag_wsum', 'pool_drop_append_ref', 'pool_drop_append',
-           'pool_drop_append_', 'topk_mean_sigmoid_ref', 'topk_mean_sigmoid']
+           'pool_drop_append_', 'topk_mean_sigmoid_ref', 'onednn_fp32', 'topk_recipe', 'topk_mean_sigmoid']
 
 # %% ../nbs/01_ops.ipynb #cd7f415f
 import os, json, socket, time, warnings, contextlib, importlib.util, zlib
@@ -264,7 +264,7 @@ def embedding_bag_wsum(values:Tensor, # [N, D] value table, fp32/fp64/bf16/fp16
     _check_index_range(op, 'idx', idx, values.shape[0], f'`values` of shape {tuple(values.shape)}')
     return torch.ops.memnb.embedding_bag_wsum(values, idx, weights, deterministic)
 
-# %% ../nbs/01_ops.ipynb #f9965110
+# %% ../nbs/01_ops.ipynb #9c1b1073
 def _check_drop_idx(op, drop_idx, N):
     "Raise an IndexError naming `op`, the layer and the entry unless every row of `drop_idx` holds distinct slots in [0, N)."
     if drop_idx.numel() == 0 or torch.compiler.is_compiling(): return
@@ -278,7 +278,7 @@ def _check_drop_idx(op, drop_idx, N):
         l, j = dup.nonzero()[0].tolist()
         raise IndexError(f"{op}: layer {l}: drop index {int(s[l, j])} appears more than once in `drop_idx` (shape {tuple(drop_idx.shape)})")
 
-# %% ../nbs/01_ops.ipynb #9c1b1073
+# %% ../nbs/01_ops.ipynb #f062d6cf
 def pool_drop_append_ref(pool:Tensor, # [Lyr, N, D] memory pool
                          new:Tensor, # [Lyr, K, D] new memory vectors
                          drop_idx:Tensor, # [Lyr, K] slots to drop, per layer
@@ -292,7 +292,7 @@ def pool_drop_append_ref(pool:Tensor, # [Lyr, N, D] memory pool
     dropped = torch.gather(pool, 1, drop_idx.long()[..., None].expand(-1, -1, D))
     return torch.cat([survivors, new], 1), dropped
 
-# %% ../nbs/01_ops.ipynb #f062d6cf
+# %% ../nbs/01_ops.ipynb #bb31d097
 @torch.library.custom_op('memnb::pool_drop_append', mutates_args=())
 def _pda_op(pool:Tensor, new:Tensor, drop_idx:Tensor) -> tuple[Tensor, Tensor]:
     if backend('pool_drop_append', pool.device) != 'torch':
@@ -333,7 +333,7 @@ def _pda_inplace_op(pool:Tensor, new:Tensor, drop_idx:Tensor) -> Tensor:
 @_pda_inplace_op.register_fake
 def _(pool, new, drop_idx): return pool.new_empty(new.shape)
 
-# %% ../nbs/01_ops.ipynb #bb31d097
+# %% ../nbs/01_ops.ipynb #e3ebb2b0
 def _check_pool_args(op, pool, new, drop_idx):
     check_tensor(pool, 'pool', op, 3, _FLOATS); check_tensor(new, 'new', op, 3, _FLOATS)
     check_tensor(drop_idx, 'drop_idx', op, 2, _INTS)
@@ -366,7 +366,7 @@ def pool_drop_append_(pool:Tensor, # [Lyr, N, D] contiguous memory pool, updated
         raise ValueError(f"{op}: the in-place write is not differentiable; use `pool_drop_append` when `pool` or `new` requires grad")
     return torch.ops.memnb.pool_drop_append_(pool, new, drop_idx)
 
-# %% ../nbs/01_ops.ipynb #1828eb5c
+# %% ../nbs/01_ops.ipynb #664fb082
 def topk_mean_sigmoid_ref(queries:Tensor, # [Q, dk] query projections
                           keys:Tensor, # [M, dk] key projections (may live on the CPU while queries are on a GPU)
                           k:int, # how many entries to return
@@ -383,11 +383,27 @@ def topk_mean_sigmoid_ref(queries:Tensor, # [Q, dk] query projections
     order = torch.sort(scores, descending=True, stable=True).indices[:k] # stable: equal scores keep index order
     return scores[order].to(queries.dtype), order
 
-# %% ../nbs/01_ops.ipynb #3cf9abd6
+# %% ../nbs/01_ops.ipynb #88ba8025
+def onednn_fp32() -> bool:
+    "True when oneDNN is available and float32 matmuls stay full float32 (no bf16/tf32 shortcuts)."
+    try:
+        return (torch.backends.mkldnn.is_available() and torch.get_float32_matmul_precision() == 'highest'
+                and torch.backends.mkldnn.matmul.fp32_precision in ('none', 'ieee'))
+    except Exception: return False
+
+def topk_recipe(device='cpu', # where the queries are
+                dtype=torch.float32, # the queries' dtype
+               ) -> str:
+    "How `topk_mean_sigmoid` scores on `device`: 'onednn' or 'cpp' (CPU kernels), 'cuda', or 'torch' (the reference)."
+    b = backend('topk_mean_sigmoid', device)
+    return 'onednn' if b == 'cpp' and dtype != torch.float64 and onednn_fp32() else b
+
+# %% ../nbs/01_ops.ipynb #f64d775e
 @torch.library.custom_op('memnb::topk_mean_sigmoid', mutates_args=())
 def _topk_op(queries:Tensor, keys:Tensor, k:int) -> tuple[Tensor, Tensor]:
-    if backend('topk_mean_sigmoid', queries.device) != 'torch':
-        return torch.ops.memnb._topk_mean_sigmoid(queries.contiguous(), keys.contiguous(), k)
+    recipe = topk_recipe(queries.device, queries.dtype)
+    if recipe == 'onednn': return torch.ops.memnb._topk_mean_sigmoid_onednn(queries.contiguous(), keys.contiguous(), k)
+    if recipe != 'torch': return torch.ops.memnb._topk_mean_sigmoid(queries.contiguous(), keys.contiguous(), k)
     return topk_mean_sigmoid_ref(queries, keys, k)
 
 @_topk_op.register_fake

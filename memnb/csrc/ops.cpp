@@ -6,13 +6,18 @@
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include "dot.h"
 #include <algorithm>
 #include <cstring>
 #include <vector>
+#include <mutex>
 #include <cstdlib>
 #include <cmath>
 #include <limits>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
@@ -20,22 +25,41 @@
 namespace memnb {
 using at::Tensor;
 
-// A fresh output of `nbytes` backed by transparent huge pages where the OS allows it (madvise mode). A dense dV
-// is written once per backward; with 4 KiB pages the first-touch page faults of a fresh 128 MiB buffer cost more
-// than the kernel itself, with 2 MiB pages they are ~500x fewer.
+// A fresh output backed by transparent huge pages where the OS allows it (madvise mode). A dense dV is written once
+// per backward; with 4 KiB pages the first-touch page faults of a fresh 128 MiB buffer cost more than the kernel
+// itself, with 2 MiB pages they are ~500x fewer. Every caller overwrites the whole buffer, so when one is freed it is
+// kept (one buffer, up to 1 GiB) for the next call of the same size class, as a caching allocator would: a training
+// loop then reuses the same pages step after step, with no page faults and no compaction stall at all.
+struct HugeCache { std::mutex m; void* p = nullptr; size_t cap = 0; };
+static HugeCache& huge_cache() { static HugeCache c; return c; }
+constexpr size_t kHuge = size_t(2) << 20, kCacheMax = size_t(1) << 30;
+
+static void release_huge(void* q, size_t cap) {
+  auto& c = huge_cache();
+  std::lock_guard<std::mutex> lock(c.m);
+  if (cap <= kCacheMax && (c.p == nullptr || cap >= c.cap)) { std::swap(q, c.p); c.cap = cap; }   // keep the larger
+  std::free(q);
+}
+
 static Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& opt) {
   int64_t n = 1;
   for (auto s : sizes) n *= s;
   const size_t nbytes = size_t(n) * at::elementSize(at::typeMetaToScalarType(opt.dtype()));
-  constexpr size_t kHuge = size_t(2) << 20;
 #ifdef __linux__
   if (nbytes >= 2 * kHuge) {
     const size_t cap = (nbytes + kHuge - 1) / kHuge * kHuge;
     void* p = nullptr;
-    if (posix_memalign(&p, kHuge, cap) == 0) {
-      madvise(p, cap, MADV_HUGEPAGE);
-      return at::from_blob(p, sizes, [](void* q) { std::free(q); }, opt);
+    size_t have = cap;
+    {
+      auto& c = huge_cache();
+      std::lock_guard<std::mutex> lock(c.m);
+      if (c.p && c.cap >= cap && c.cap <= 2 * cap) { p = c.p; have = c.cap; c.p = nullptr; c.cap = 0; }
     }
+    if (!p) {
+      if (posix_memalign(&p, kHuge, cap) != 0) return at::empty(sizes, opt);
+      madvise(p, cap, MADV_HUGEPAGE);
+    }
+    return at::from_blob(p, sizes, [have](void* q) { release_huge(q, have); }, opt);
   }
 #endif
   return at::empty(sizes, opt);
@@ -127,6 +151,40 @@ void ebw_fwd_impl(const V* values, const I* idx, const W* w, V* out, int64_t T, 
   });
 }
 
+#ifdef __AVX512F__
+// float32 rows with D a multiple of 16, on AVX-512: the accumulator lives in 16 zmm registers (256 floats) instead
+// of in memory, one 256-wide block of D at a time, with the next rows' block prefetched 8 slots ahead. Measured at
+// the benchmark size (D=512, L=128), 1 thread: 16.4 vs 19.7 ms for the generic loop (torch/fbgemm: 14.6 ms).
+template <typename I>
+void ebw_fwd_f32_avx512(const float* values, const I* idx, const float* w, float* out, int64_t T, int64_t L, int64_t D) {
+  constexpr int64_t kPf = 8;
+  at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const I* it = idx + t * L;
+      const float* wt = w + t * L;
+      for (int64_t d0 = 0; d0 < D; d0 += 256) {
+        const int nv = int(std::min<int64_t>(256, D - d0) / 16);   // live accumulators in this block
+        __m512 acc[16];
+        for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+        for (int64_t l = 0; l < L; ++l) {
+          if (l + kPf < L) {
+            const char* p = reinterpret_cast<const char*>(values + int64_t(it[l + kPf]) * D + d0);
+            for (int j = 0; j < nv; ++j) _mm_prefetch(p + 64 * j, _MM_HINT_T0);
+          }
+          const float* r = values + int64_t(it[l]) * D + d0;
+          const __m512 wv = _mm512_set1_ps(wt[l]);
+          for (int j = 0; j < 16; ++j)
+            if (j < nv) acc[j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(r + 16 * j), acc[j]);
+        }
+        float* o = out + t * D + d0;
+        for (int j = 0; j < 16; ++j)
+          if (j < nv) _mm512_storeu_ps(o + 16 * j, acc[j]);
+      }
+    }
+  });
+}
+#endif
+
 Tensor ebw_fwd_cpu(const Tensor& values_, const Tensor& idx_, const Tensor& weights_) {
   const char* op = "embedding_bag_wsum";
   check_bag(values_, idx_, weights_, op);
@@ -138,6 +196,15 @@ Tensor ebw_fwd_cpu(const Tensor& values_, const Tensor& idx_, const Tensor& weig
   AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "ebw_fwd_idx", [&] {
     check_indices(idx.data_ptr<index_t>(), idx.numel(), N, op);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values.scalar_type(), "ebw_fwd", [&] {
+#ifdef __AVX512F__
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (D % 16 == 0 && weights.scalar_type() == at::kFloat) {
+          ebw_fwd_f32_avx512<index_t>(values.data_ptr<float>(), idx.data_ptr<index_t>(), weights.data_ptr<float>(),
+                                      out.data_ptr<float>(), T, L, D);
+          return;
+        }
+      }
+#endif
       if (weights.scalar_type() == values.scalar_type())
         ebw_fwd_impl<scalar_t, scalar_t, index_t>(values.data_ptr<scalar_t>(), idx.data_ptr<index_t>(),
                                                   weights.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), T, L, D);
@@ -376,15 +443,70 @@ void topk_tiles(const Tensor& q, const Tensor& keys, int64_t k, int64_t tile, Te
   scores = so;
 }
 
-std::tuple<Tensor, Tensor> topk_mean_sigmoid_cpu(const Tensor& queries, const Tensor& keys, int64_t k) {
-  const char* op = "topk_mean_sigmoid";
+// The oneDNN variant: per tile one GEMM of the keys with the queries with the sigmoid fused into it
+// (mkldnn::_linear_pointwise, [tile, Q] scores, about 2 MiB), then ATen's mean over each contiguous row. oneDNN's
+// float32 GEMM runs at about twice MKL's rate at these shapes and the fusion saves a pass over the buffer; bf16/fp16
+// key tiles are widened into one reused float32 buffer. Same merge, ties and NaN rule as `topk_tiles`.
+void topk_tiles_onednn(const Tensor& q, const Tensor& keys, int64_t k, int64_t tile, Tensor& scores, Tensor& index) {
+  static const auto lp = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  const int64_t M = keys.size(0), dk = keys.size(1);
+  const bool widen = keys.scalar_type() != at::kFloat;
+  auto kbuf = widen ? at::empty({std::min(tile, M), dk}, q.options()) : Tensor();
+  auto ts = at::empty({tile}, q.options());
+  std::vector<std::pair<float, int64_t>> best;
+  best.reserve(k + tile);
+  Better<float> better;
+  for (int64_t s = 0; s < M; s += tile) {
+    const int64_t n = std::min(tile, M - s);
+    auto kt = widen ? kbuf.narrow(0, 0, n).copy_(keys.narrow(0, s, n)) : keys.narrow(0, s, n);   // [n, dk] float32
+    torch::jit::Stack st{kt, q, c10::IValue(), std::string("sigmoid"), c10::List<std::optional<at::Scalar>>(), std::string("")};
+    lp.callBoxed(&st);
+    auto b = st[0].toTensor();                               // [n, Q] sigmoid(k_j . q_t)
+    auto tsn = ts.narrow(0, 0, n);
+    at::mean_out(tsn, b, {1}, false);
+    const float* sp = tsn.data_ptr<float>();
+    constexpr float ninf = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < n; ++j) best.emplace_back(std::isnan(sp[j]) ? ninf : sp[j], s + j);
+    if (int64_t(best.size()) > k) {
+      std::nth_element(best.begin(), best.begin() + k, best.end(), better);
+      best.resize(k);
+    }
+  }
+  std::sort(best.begin(), best.end(), better);
+  auto so = at::empty({k}, q.options());
+  float* sop = so.data_ptr<float>();
+  int64_t* ip = index.data_ptr<int64_t>();
+  for (int64_t j = 0; j < k; ++j) { sop[j] = best[j].first; ip[j] = best[j].second; }
+  scores = so;
+}
+
+static void check_topk_args(const char* op, const Tensor& queries, const Tensor& keys, int64_t k) {
   TORCH_CHECK(queries.dim() == 2 && keys.dim() == 2 && queries.size(1) == keys.size(1), op, ": `queries` ", queries.sizes(),
               " and `keys` ", keys.sizes(), " must be [Q, dk] and [M, dk]");
   TORCH_CHECK(at::isFloatingType(queries.scalar_type()) && keys.scalar_type() == queries.scalar_type(), op,
               ": `queries` and `keys` must share one floating dtype");
   TORCH_CHECK(keys.device().is_cpu() && queries.device().is_cpu(), op, ": CPU kernel called with non-CPU tensors");
+  TORCH_CHECK_VALUE(k >= 0 && k <= keys.size(0), op, ": k=", k, " must be in [0, M=", keys.size(0), "]");
+}
+
+std::tuple<Tensor, Tensor> topk_mean_sigmoid_onednn_cpu(const Tensor& queries, const Tensor& keys, int64_t k) {
+  const char* op = "topk_mean_sigmoid";
+  check_topk_args(op, queries, keys, k);
+  TORCH_CHECK(queries.scalar_type() != at::kDouble, op, ": the oneDNN kernel is float32 only (float64 takes `_topk_mean_sigmoid`)");
   const int64_t M = keys.size(0), Q = queries.size(0);
-  TORCH_CHECK_VALUE(k >= 0 && k <= M, op, ": k=", k, " must be in [0, M=", M, "]");
+  Tensor scores, index = at::empty({k}, queries.options().dtype(at::kLong));
+  if (k == 0 || M == 0) return {at::empty({0}, queries.options()), index};
+  if (Q == 0) return {at::full({k}, -INFINITY, queries.options()), at::arange(k, index.options())};
+  // [tile, Q] float32 scores of about 2 MiB (L2-sized), within [256, 4096] keys: memnb.retriever._op_tile replays this rule
+  const int64_t tile = std::max<int64_t>(256, std::min<int64_t>(4096, (int64_t(1) << 19) / Q));
+  topk_tiles_onednn(queries.to(at::kFloat).contiguous(), keys.contiguous(), k, tile, scores, index);
+  return {scores.to(queries.scalar_type()), index};
+}
+
+std::tuple<Tensor, Tensor> topk_mean_sigmoid_cpu(const Tensor& queries, const Tensor& keys, int64_t k) {
+  const char* op = "topk_mean_sigmoid";
+  check_topk_args(op, queries, keys, k);
+  const int64_t M = keys.size(0), Q = queries.size(0);
   const auto acc = queries.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto q = queries.to(acc).contiguous();
   auto kk = keys.contiguous();
@@ -408,6 +530,7 @@ TORCH_LIBRARY_FRAGMENT(memnb, m) {
   m.def("_pool_drop_append(Tensor pool, Tensor new, Tensor drop_idx) -> (Tensor, Tensor)");
   m.def("_pool_drop_append_(Tensor(a!) pool, Tensor new, Tensor drop_idx) -> Tensor");
   m.def("_topk_mean_sigmoid(Tensor queries, Tensor keys, int k) -> (Tensor, Tensor)");
+  m.def("_topk_mean_sigmoid_onednn(Tensor queries, Tensor keys, int k) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(memnb, CPU, m) {
@@ -416,4 +539,5 @@ TORCH_LIBRARY_IMPL(memnb, CPU, m) {
   m.impl("_pool_drop_append", &memnb::pool_drop_append_cpu);
   m.impl("_pool_drop_append_", &memnb::pool_drop_append_inplace_cpu);
   m.impl("_topk_mean_sigmoid", &memnb::topk_mean_sigmoid_cpu);
+  m.impl("_topk_mean_sigmoid_onednn", &memnb::topk_mean_sigmoid_onednn_cpu);
 }
