@@ -65,32 +65,10 @@ static Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& opt) {
   return at::empty(sizes, opt);
 }
 
-template <typename T> struct Acc { using type = float; };   // fp32 accumulation for fp32/bf16/fp16
-template <> struct Acc<double> { using type = double; };
-
-#ifndef MEMNB_UNROLL
-#define MEMNB_UNROLL 1
-#endif
-#ifndef MEMNB_PFHINT
-#define MEMNB_PFHINT 1
-#endif
 #ifndef MEMNB_PF
 #define MEMNB_PF 16
 #endif
 constexpr int64_t kPrefetchRows = MEMNB_PF;  // software-prefetch the row this many bag slots ahead
-
-template <typename V>
-inline void prefetch_row(const V* row, int64_t D) {
-  const char* p = reinterpret_cast<const char*>(row);
-  const int64_t bytes = D * int64_t(sizeof(V));
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, MEMNB_PFHINT);
-}
-
-// a[d] += w * row[d]: written so that gcc -O3 vectorises it (restrict pointers, no reduction).
-template <typename A, typename V>
-inline void axpy(A* __restrict a, const V* __restrict row, A w, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) a[d] += w * static_cast<A>(row[d]);
-}
 
 // a[d] += w0*r0[d] + w1*r1[d] + w2*r2[d] + w3*r3[d]: four rows per pass over the accumulator (fewer loads/stores)
 template <typename A, typename V>
@@ -100,7 +78,9 @@ inline void axpy4(A* __restrict a, const V* __restrict r0, const V* __restrict r
     a[d] += w0 * static_cast<A>(r0[d]) + w1 * static_cast<A>(r1[d]) + w2 * static_cast<A>(r2[d]) + w3 * static_cast<A>(r3[d]);
 }
 
-using memnb_common::dot;   // dot.h: one definition for the dense and the fused backward
+// dot.h: one definition each for the dense and the fused backward
+using memnb_common::Acc; using memnb_common::prefetch_row; using memnb_common::axpy; using memnb_common::dot;
+using memnb_common::row_grad;
 
 template <typename I>
 void check_indices(const I* idx, int64_t n, int64_t N, const char* op) {
@@ -132,7 +112,6 @@ void ebw_fwd_impl(const V* values, const I* idx, const W* w, V* out, int64_t T, 
       if (kPrefetchRows > 0)
         for (int64_t l = 0; l < std::min(kPrefetchRows, L); ++l) prefetch_row(values + int64_t(it[l]) * D, D);
       int64_t l = 0;
-#if MEMNB_UNROLL
       for (; l + 4 <= L; l += 4) {
         if (kPrefetchRows > 0)
           for (int64_t u = l + kPrefetchRows; u < std::min(l + kPrefetchRows + 4, L); ++u) prefetch_row(values + int64_t(it[u]) * D, D);
@@ -140,7 +119,6 @@ void ebw_fwd_impl(const V* values, const I* idx, const W* w, V* out, int64_t T, 
                     values + int64_t(it[l + 3]) * D, static_cast<A>(wt[l]), static_cast<A>(wt[l + 1]), static_cast<A>(wt[l + 2]),
                     static_cast<A>(wt[l + 3]), D);
       }
-#endif
       for (; l < L; ++l) {
         if (kPrefetchRows > 0 && l + kPrefetchRows < L) prefetch_row(values + int64_t(it[l + kPrefetchRows]) * D, D);
         axpy<A, V>(acc.data(), values + int64_t(it[l]) * D, static_cast<A>(wt[l]), D);
@@ -233,20 +211,15 @@ void ebw_bwd_impl(const V* g, const V* values, const I* idx, const W* w, V* dv, 
     std::vector<int64_t> slot(n), cursor(start.begin(), start.end() - 1);
     for (int64_t e = 0; e < n; ++e) slot[cursor[int64_t(idx[e])]++] = e;
     at::parallel_for(0, N, 64, [&](int64_t r0, int64_t r1) {
-      std::vector<A> acc(D);
+      std::vector<A> buf(std::is_same_v<A, V> ? 0 : D);
+      std::vector<float> scratch;
       for (int64_t r = r0; r < r1; ++r) {
         V* out = dv + r * D;
         const int64_t b = start[r], e_end = start[r + 1];
         if (b == e_end) { std::memset(out, 0, D * sizeof(V)); continue; }
-        std::fill(acc.begin(), acc.end(), A(0));
-        const V* row = values + r * D;
-        for (int64_t s = b; s < e_end; ++s) {
-          const int64_t e = slot[s], t = e / L;
-          if (s + 2 < e_end) prefetch_row(g + (slot[s + 2] / L) * D, D);
-          axpy<A, V>(acc.data(), g + t * D, static_cast<A>(w[e]), D);
-          if (dw) dw[e] = static_cast<W>(dot<A, V, V>(g + t * D, row, D));
-        }
-        for (int64_t d = 0; d < D; ++d) out[d] = static_cast<V>(acc[d]);
+        A* acc = std::is_same_v<A, V> ? reinterpret_cast<A*>(out) : buf.data();   // fp32/fp64: straight into dV
+        row_grad<A, V, W>(g, values + r * D, slot.data(), b, e_end, L, w, dw, acc, D, scratch);
+        if (!std::is_same_v<A, V>) for (int64_t d = 0; d < D; ++d) out[d] = static_cast<V>(acc[d]);
       }
     });
   } else if (dw) {  // only dw: one gather pass over the bags, like the forward

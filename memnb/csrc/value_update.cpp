@@ -20,21 +20,7 @@
 namespace memnb_vu {
 using at::Tensor;
 
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-template <typename V>
-inline void prefetch_row(const V* row, int64_t D) {
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t o = 0; o < D * int64_t(sizeof(V)); o += 64) __builtin_prefetch(p + o, 0, 1);
-}
-
-template <typename A, typename V>
-inline void axpy(A* __restrict a, const V* __restrict row, A w, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) a[d] += w * static_cast<A>(row[d]);
-}
-
-using memnb_common::dot;   // dot.h: one definition for the dense and the fused backward
+using memnb_common::Acc; using memnb_common::row_grad;   // dot.h: the dense backward's row gradient, bit for bit
 
 // kind 0: SGD, row -= lr·acc. kind 1: Adam as torch.optim.SparseAdam:
 //   m = m + (acc - m)(1-β1);  v = v + (acc² - v)(1-β2);  row -= step_size · m / (√v + eps),
@@ -53,17 +39,12 @@ void bwd_update_impl(const V* g, V* values, const I* idx, const W* w, W* dw, V* 
   const A alr = A(lr), b1 = A(beta1), b2 = A(beta2), aeps = A(eps), ss = A(step_size);
   at::parallel_for(0, N, 64, [&](int64_t r0, int64_t r1) {
     std::vector<A> acc(D);
+    std::vector<float> scratch;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = start[r], e_end = start[r + 1];
       if (b == e_end) continue;  // untouched row: no step, no moment decay (as SparseAdam)
       V* row = values + r * D;
-      std::fill(acc.begin(), acc.end(), A(0));
-      for (int64_t s = b; s < e_end; ++s) {
-        const int64_t e = slot[s], t = e / L;
-        if (s + 2 < e_end) prefetch_row(g + (slot[s + 2] / L) * D, D);
-        axpy<A, V>(acc.data(), g + t * D, static_cast<A>(w[e]), D);
-        if (dw) dw[e] = static_cast<W>(dot<A, V, V>(g + t * D, row, D));
-      }
+      row_grad<A, V, W>(g, row, slot.data(), b, e_end, L, w, dw, acc.data(), D, scratch);   // dw with the row before the step
       if (kind == 0) {
         for (int64_t d = 0; d < D; ++d) row[d] = static_cast<V>(A(row[d]) - alr * acc[d]);
       } else {
