@@ -22,6 +22,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'memnb.bench.read_bandwidth': ('bench.html#read_bandwidth', 'memnb/bench.py'),
                              'memnb.bench.rss_bytes': ('bench.html#rss_bytes', 'memnb/bench.py'),
                              'memnb.bench.save_results': ('bench.html#save_results', 'memnb/bench.py'),
+                             'memnb.bench.tiled_gemm': ('bench.html#tiled_gemm', 'memnb/bench.py'),
                              'memnb.bench.timeit': ('bench.html#timeit', 'memnb/bench.py')},
             'memnb.checkpoint': { 'memnb.checkpoint._listed': ('checkpoint.html#_listed', 'memnb/checkpoint.py'),
                                   'memnb.checkpoint.check_state_dict': ('checkpoint.html#check_state_dict', 'memnb/checkpoint.py'),

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['Timing', 'timeit', 'num_threads', 'rss_bytes', 'PeakRSS', 'cuda_peak', 'copy_bandwidth', 'read_bandwidth',
-           'machine_info', 'save_results']
+           'tiled_gemm', 'machine_info', 'save_results']
 
 # %% ../nbs/00a_bench.ipynb #2f48f52b
 import os, time, json, platform, statistics, threading, contextlib
@@ -95,6 +95,23 @@ def read_bandwidth(nbytes:int=512 * 2**20, reps:int=5, device='cpu') -> float:
     return nbytes / t.median
 
 # %% ../nbs/00a_bench.ipynb #318a57cc
+def tiled_gemm(queries, # [T, dk] float32 queries
+               keys, # [M, dk] float32 keys
+               tile:int, # keys per GEMM
+               backend:str='onednn', # 'onednn' or 'mkl'
+              ): # () -> None, one pass of 2·T·M·dk FLOPs
+    "A callable running the float32 GEMMs of a tiled scorer over all `keys`, and nothing else."
+    if backend not in ('onednn', 'mkl'): raise ValueError(f"tiled_gemm: backend must be 'onednn' or 'mkl', got {backend!r}")
+    T, M = queries.shape[0], keys.shape[0]
+    buf = torch.empty(T, tile)
+    def mkl():
+        for s in range(0, M, tile):
+            kt = keys[s:s + tile]; torch.mm(queries, kt.T, out=buf[:, :len(kt)] if len(kt) == tile else None)
+    def onednn():
+        for s in range(0, M, tile): torch.ops.mkldnn._linear_pointwise(keys[s:s + tile], queries, None, 'none', [], '')
+    return onednn if backend == 'onednn' else mkl
+
+# %% ../nbs/00a_bench.ipynb #8731d404
 def machine_info() -> dict:
     "What a benchmark result needs to be interpreted: CPU, threads, torch version, GPU if any."
     info = dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(), torch=torch.__version__,

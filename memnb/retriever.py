@@ -11,7 +11,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from .core import check_tensor
-from .ops import topk_mean_sigmoid, topk_recipe
+from .ops import topk_mean_sigmoid
 
 # %% ../nbs/07_retriever.ipynb #fc0f42a2
 def projector(d:int, # input width (the model's hidden size)

@@ -7,7 +7,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include "dot.h"
+#include "rows.h"
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -78,7 +78,7 @@ inline void axpy4(A* __restrict a, const V* __restrict r0, const V* __restrict r
     a[d] += w0 * static_cast<A>(r0[d]) + w1 * static_cast<A>(r1[d]) + w2 * static_cast<A>(r2[d]) + w3 * static_cast<A>(r3[d]);
 }
 
-// dot.h: one definition each for the dense and the fused backward
+// rows.h: one definition each for the dense and the fused backward
 using memnb_common::Acc; using memnb_common::prefetch_row; using memnb_common::axpy; using memnb_common::dot;
 using memnb_common::row_grad;
 
@@ -383,74 +383,76 @@ struct Better {
   }
 };
 
+// The k best (score, index) pairs seen so far: each tile's candidates are appended, then cut back to k with
+// nth_element on (score desc, index asc). NaN is ranked as -inf.
 template <typename A>
-void topk_tiles(const Tensor& q, const Tensor& keys, int64_t k, int64_t tile, Tensor& scores, Tensor& index) {
-  const int64_t Q = q.size(0), M = keys.size(0);
-  const auto acc = q.scalar_type();
-  auto buf = at::empty({Q * tile}, q.options());
-  auto ts = at::empty({tile}, q.options());
+struct RunningTopK {
+  int64_t k;
   std::vector<std::pair<A, int64_t>> best;
-  best.reserve(k + tile);
   Better<A> better;
-  for (int64_t s = 0; s < M; s += tile) {
-    const int64_t n = std::min(tile, M - s);
-    auto kt = keys.narrow(0, s, n).to(acc);                 // [n, dk], a view for fp32/fp64 keys
-    auto b = buf.narrow(0, 0, Q * n).view({Q, n});         // [Q, n]
-    at::mm_out(b, q, kt.t());
-    b.sigmoid_();
-    auto tsn = ts.narrow(0, 0, n);
-    at::mean_out(tsn, b, {0}, false);
-    const A* sp = tsn.data_ptr<A>();
+  RunningTopK(int64_t k, int64_t tile) : k(k) { best.reserve(k + tile); }
+  void add(const A* sp, int64_t n, int64_t first) {   // the scores of rows first..first+n-1
     constexpr A ninf = -std::numeric_limits<A>::infinity();
-    for (int64_t j = 0; j < n; ++j) best.emplace_back(std::isnan(sp[j]) ? ninf : sp[j], s + j);
+    for (int64_t j = 0; j < n; ++j) best.emplace_back(std::isnan(sp[j]) ? ninf : sp[j], first + j);
     if (int64_t(best.size()) > k) {
       std::nth_element(best.begin(), best.begin() + k, best.end(), better);
       best.resize(k);
     }
   }
-  std::sort(best.begin(), best.end(), better);
-  auto so = at::empty({k}, q.options());
-  A* sop = so.data_ptr<A>();
-  int64_t* ip = index.data_ptr<int64_t>();
-  for (int64_t j = 0; j < k; ++j) { sop[j] = best[j].first; ip[j] = best[j].second; }
-  scores = so;
+  void finish(const at::TensorOptions& opt, Tensor& scores, Tensor& index) {   // sorted best first into [k] outputs
+    std::sort(best.begin(), best.end(), better);
+    scores = at::empty({k}, opt);
+    A* sop = scores.data_ptr<A>();
+    int64_t* ip = index.data_ptr<int64_t>();
+    for (int64_t j = 0; j < k; ++j) { sop[j] = best[j].first; ip[j] = best[j].second; }
+  }
+};
+
+// Tile by tile over the M keys: `tile_means(s, n)` returns the [n] mean-sigmoid scores of keys s..s+n-1.
+template <typename A, typename F>
+void topk_tiles(int64_t M, int64_t k, int64_t tile, const at::TensorOptions& opt, F tile_means, Tensor& scores, Tensor& index) {
+  RunningTopK<A> top(k, tile);
+  for (int64_t s = 0; s < M; s += tile) {
+    const int64_t n = std::min(tile, M - s);
+    top.add(tile_means(s, n).template data_ptr<A>(), n, s);
+  }
+  top.finish(opt, scores, index);
 }
 
-// The oneDNN variant: per tile one GEMM of the keys with the queries with the sigmoid fused into it
+// The MKL recipe: a GEMM of the queries with the tile into a reused [Q, tile] buffer, sigmoid in place, mean over
+// the queries.
+template <typename A>
+void topk_mkl(const Tensor& q, const Tensor& keys, int64_t k, int64_t tile, Tensor& scores, Tensor& index) {
+  const int64_t Q = q.size(0);
+  auto buf = at::empty({Q * tile}, q.options());
+  auto ts = at::empty({tile}, q.options());
+  topk_tiles<A>(keys.size(0), k, tile, q.options(), [&](int64_t s, int64_t n) {
+    auto kt = keys.narrow(0, s, n).to(q.scalar_type());      // [n, dk], a view for fp32/fp64 keys
+    auto b = buf.narrow(0, 0, Q * n).view({Q, n});           // [Q, n]
+    at::mm_out(b, q, kt.t());
+    b.sigmoid_();
+    auto tsn = ts.narrow(0, 0, n);
+    return at::mean_out(tsn, b, {0}, false);
+  }, scores, index);
+}
+
+// The oneDNN recipe: per tile one GEMM of the keys with the queries with the sigmoid fused into it
 // (mkldnn::_linear_pointwise, [tile, Q] scores, about 2 MiB), then ATen's mean over each contiguous row. oneDNN's
 // float32 GEMM runs at about twice MKL's rate at these shapes and the fusion saves a pass over the buffer; bf16/fp16
-// key tiles are widened into one reused float32 buffer. Same merge, ties and NaN rule as `topk_tiles`.
-void topk_tiles_onednn(const Tensor& q, const Tensor& keys, int64_t k, int64_t tile, Tensor& scores, Tensor& index) {
+// key tiles are widened into one reused float32 buffer.
+void topk_onednn(const Tensor& q, const Tensor& keys, int64_t k, int64_t tile, Tensor& scores, Tensor& index) {
   static const auto lp = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
   const int64_t M = keys.size(0), dk = keys.size(1);
   const bool widen = keys.scalar_type() != at::kFloat;
   auto kbuf = widen ? at::empty({std::min(tile, M), dk}, q.options()) : Tensor();
   auto ts = at::empty({tile}, q.options());
-  std::vector<std::pair<float, int64_t>> best;
-  best.reserve(k + tile);
-  Better<float> better;
-  for (int64_t s = 0; s < M; s += tile) {
-    const int64_t n = std::min(tile, M - s);
+  topk_tiles<float>(M, k, tile, q.options(), [&](int64_t s, int64_t n) {
     auto kt = widen ? kbuf.narrow(0, 0, n).copy_(keys.narrow(0, s, n)) : keys.narrow(0, s, n);   // [n, dk] float32
     torch::jit::Stack st{kt, q, c10::IValue(), std::string("sigmoid"), c10::List<std::optional<at::Scalar>>(), std::string("")};
     lp.callBoxed(&st);
-    auto b = st[0].toTensor();                               // [n, Q] sigmoid(k_j . q_t)
     auto tsn = ts.narrow(0, 0, n);
-    at::mean_out(tsn, b, {1}, false);
-    const float* sp = tsn.data_ptr<float>();
-    constexpr float ninf = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < n; ++j) best.emplace_back(std::isnan(sp[j]) ? ninf : sp[j], s + j);
-    if (int64_t(best.size()) > k) {
-      std::nth_element(best.begin(), best.begin() + k, best.end(), better);
-      best.resize(k);
-    }
-  }
-  std::sort(best.begin(), best.end(), better);
-  auto so = at::empty({k}, q.options());
-  float* sop = so.data_ptr<float>();
-  int64_t* ip = index.data_ptr<int64_t>();
-  for (int64_t j = 0; j < k; ++j) { sop[j] = best[j].first; ip[j] = best[j].second; }
-  scores = so;
+    return at::mean_out(tsn, st[0].toTensor(), {1}, false);   // [n, Q] sigmoid(k_j . q_t) -> [n]
+  }, scores, index);
 }
 
 static void check_topk_args(const char* op, const Tensor& queries, const Tensor& keys, int64_t k) {
@@ -472,7 +474,7 @@ std::tuple<Tensor, Tensor> topk_mean_sigmoid_onednn_cpu(const Tensor& queries, c
   if (Q == 0) return {at::full({k}, -INFINITY, queries.options()), at::arange(k, index.options())};
   // [tile, Q] float32 scores of about 2 MiB (L2-sized), within [256, 4096] keys: memnb.retriever._op_tile replays this rule
   const int64_t tile = std::max<int64_t>(256, std::min<int64_t>(4096, (int64_t(1) << 19) / Q));
-  topk_tiles_onednn(queries.to(at::kFloat).contiguous(), keys.contiguous(), k, tile, scores, index);
+  topk_onednn(queries.to(at::kFloat).contiguous(), keys.contiguous(), k, tile, scores, index);
   return {scores.to(queries.scalar_type()), index};
 }
 
@@ -490,8 +492,8 @@ std::tuple<Tensor, Tensor> topk_mean_sigmoid_cpu(const Tensor& queries, const Te
   if (Q == 0) {  // mean over no queries is NaN for every key, ranked as -inf (ties: index order), like the reference
     return {at::full({k}, -INFINITY, queries.options()), at::arange(k, index.options())};
   }
-  if (acc == at::kDouble) topk_tiles<double>(q, kk, k, tile, scores, index);
-  else topk_tiles<float>(q, kk, k, tile, scores, index);
+  if (acc == at::kDouble) topk_mkl<double>(q, kk, k, tile, scores, index);
+  else topk_mkl<float>(q, kk, k, tile, scores, index);
   return {scores.to(queries.scalar_type()), index};
 }
 

@@ -12,7 +12,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
-#include "dot.h"
+#include "rows.h"
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -20,7 +20,7 @@
 namespace memnb_vu {
 using at::Tensor;
 
-using memnb_common::Acc; using memnb_common::row_grad;   // dot.h: the dense backward's row gradient, bit for bit
+using memnb_common::Acc; using memnb_common::row_grad;   // rows.h: the dense backward's row gradient, bit for bit
 
 // kind 0: SGD, row -= lr·acc. kind 1: Adam as torch.optim.SparseAdam:
 //   m = m + (acc - m)(1-β1);  v = v + (acc² - v)(1-β2);  row -= step_size · m / (√v + eps),
