@@ -393,6 +393,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'memnb.pkm_ops._pkm_setup': ('pkm_ops.html#_pkm_setup', 'memnb/pkm_ops.py'),
                                'memnb.pkm_ops._topk_stable': ('pkm_ops.html#_topk_stable', 'memnb/pkm_ops.py'),
                                'memnb.pkm_ops.pkm_backend': ('pkm_ops.html#pkm_backend', 'memnb/pkm_ops.py'),
+                               'memnb.pkm_ops.pkm_recipe': ('pkm_ops.html#pkm_recipe', 'memnb/pkm_ops.py'),
                                'memnb.pkm_ops.pkm_retrieve': ('pkm_ops.html#pkm_retrieve', 'memnb/pkm_ops.py'),
                                'memnb.pkm_ops.pkm_retrieve_reference': ('pkm_ops.html#pkm_retrieve_reference', 'memnb/pkm_ops.py'),
                                'memnb.pkm_ops.pruned_pairs': ('pkm_ops.html#pruned_pairs', 'memnb/pkm_ops.py')},

@@ -1,4 +1,5 @@
-// memnb::_pkm_fwd / memnb::_pkm_bwd — fused product-key retrieval (CPU kernels + private schemas). The public op
+// memnb::_pkm_fwd / memnb::_pkm_fwd_onednn / memnb::_pkm_bwd — fused product-key retrieval (CPU kernels + private
+// schemas; _pkm_fwd_onednn is the float32 forward with its half scores from oneDNN GEMMs). The public op
 // memnb::pkm_retrieve (and memnb::pkm_retrieve_backward) is a torch.library custom op defined in nbs/09_pkm_ops.ipynb
 // whose body calls these, so importing memnb never compiles anything.
 //
@@ -14,10 +15,15 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 namespace memnb_pkm {
 
@@ -79,7 +85,51 @@ inline std::vector<acc_t>& group_scratch(int64_t m) {
   return buf;
 }
 
+#ifdef __AVX512F__
+// float32 on AVX-512: step 2's compaction with register compresses, 16 elements at a time. v may equal bv (in place:
+// the 16-lane store at bv + c never reaches past the vector just read, since c <= i). bv, bi need 16 spare slots.
+inline int64_t compact_f32(const float* v, const int32_t* ids, int64_t len, float tau, float* bv, int32_t* bi) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), t = _mm512_set1_ps(tau);
+  __m512i pos = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t c = 0;
+  for (int64_t i = 0; i < len; i += 16) {
+    const __mmask16 live = len - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - i)) - 1);
+    __m512 x = _mm512_maskz_loadu_ps(live, v + i);
+    x = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x, ninf);              // NaN ranks as -inf
+    const __m512i id = ids ? _mm512_maskz_loadu_epi32(live, ids + i) : pos;
+    const __mmask16 keep = _mm512_mask_cmp_ps_mask(live, x, t, _CMP_GE_OQ);
+    _mm512_storeu_ps(bv + c, _mm512_maskz_compress_ps(keep, x));
+    _mm512_storeu_si512(bi + c, _mm512_maskz_compress_epi32(keep, id));
+    c += _mm_popcnt_u32(keep);
+    pos = _mm512_add_epi32(pos, _mm512_set1_epi32(16));
+  }
+  return c;
+}
+
+// Step 3 for float32: 16 survivors ranked at once against every survivor (no horizontal sums), and each one written
+// to out[rank] without a branch (ranks >= m go to the spare slot out[m]).
+inline void rank_f32(const float* bv, const int32_t* bi, int64_t c, int64_t m, Cand<float>* out) {
+  alignas(64) int32_t rk[16];
+  for (int64_t i0 = 0; i0 < c; i0 += 16) {
+    const int64_t nl = std::min<int64_t>(16, c - i0);
+    const __mmask16 live = __mmask16((1u << nl) - 1);
+    const __m512 X = _mm512_maskz_loadu_ps(live, bv + i0);
+    const __m512i I = _mm512_maskz_loadu_epi32(live, bi + i0);
+    __m512i r = _mm512_setzero_si512();
+    for (int64_t j = 0; j < c; ++j) {
+      const __m512 y = _mm512_set1_ps(bv[j]);
+      const __mmask16 beats = _mm512_cmp_ps_mask(y, X, _CMP_GT_OQ) |
+                              (_mm512_cmp_ps_mask(y, X, _CMP_EQ_OQ) & _mm512_cmplt_epi32_mask(_mm512_set1_epi32(bi[j]), I));
+      r = _mm512_mask_add_epi32(r, beats, r, _mm512_set1_epi32(1));
+    }
+    _mm512_store_si512(rk, _mm512_min_epi32(r, _mm512_set1_epi32(int32_t(m))));
+    for (int64_t l = 0; l < nl; ++l) out[rk[l]] = {bv[i0 + l], bi[i0 + l]};
+  }
+}
+#endif
+
 // Best `m` of v[0..len) under `better`, sorted, into out[0..m) (ids == nullptr means id = position). NaN = -inf.
+// out needs m + 1 slots and bv, bi len + 16 (the float32 AVX-512 path's spare slot and lanes).
 // Branch-free, so it vectorises and never mispredicts:
 //  1. a lower bound tau on the m-th best: split v into m strided groups; the m group maxima are m distinct elements,
 //     so at least m elements are >= tau = min(group maxima)  (tau sits near the 60th percentile for len = 8m);
@@ -102,6 +152,10 @@ inline void topk_row(const acc_t* v, const int32_t* ids, int64_t len, int64_t m,
     for (int64_t g = 1; g < m; ++g) tau = std::min(tau, bv[g]);
   }
   int64_t c = 0;
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<acc_t, float>) c = compact_f32(v, ids, len, tau, bv, bi);
+  else
+#endif
   for (int64_t i = 0; i < len; ++i) {
     const acc_t x = val(i);
     bv[c] = x;
@@ -118,6 +172,10 @@ inline void topk_row(const acc_t* v, const int32_t* ids, int64_t len, int64_t m,
     acc_t tau2 = gm[0];
     for (int64_t g = 1; g < m; ++g) tau2 = std::min(tau2, gm[g]);
     int64_t c2 = 0;
+#ifdef __AVX512F__
+    if constexpr (std::is_same_v<acc_t, float>) c2 = compact_f32(bv, bi, c, tau2, bv, bi);
+    else
+#endif
     for (int64_t i = 0; i < c; ++i) {
       const acc_t x = bv[i];
       const int32_t xi = bi[i];
@@ -127,6 +185,9 @@ inline void topk_row(const acc_t* v, const int32_t* ids, int64_t len, int64_t m,
     }
     c = c2;
   }
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<acc_t, float>) { rank_f32(bv, bi, c, m, out); return; }
+#endif
   for (int64_t i = 0; i < c; ++i) {
     const acc_t x = bv[i];
     const int32_t xi = bi[i];
@@ -145,7 +206,31 @@ std::vector<std::pair<int32_t, int32_t>> pruned_pairs(int64_t k, int64_t kk) {
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> pkm_retrieve_cpu(const at::Tensor& q_, const at::Tensor& subkeys_, int64_t k) {
+// The half scores of one chunk of tokens, one [tc, n] block per (head, half) hh, by one of two recipes: ATen's bmm
+// (every dtype) or, for float32, one oneDNN GEMM per hh (mkldnn::_linear_pointwise: about 2.5x MKL's bmm rate at
+// these shapes, measured on one thread). Row t of block hh starts at rows[hh] + t * n.
+template <typename acc_t>
+std::vector<at::Tensor> chunk_scores(const at::Tensor& qc, const at::Tensor& keys, bool onednn, std::vector<const acc_t*>& rows) {
+  // qc [tc, 2H, dh] (acc dtype), keys [2H, n, dh] contiguous (acc dtype)
+  const int64_t HH = keys.size(0), tc = qc.size(0), n = keys.size(1);
+  std::vector<at::Tensor> out;
+  if (!onednn) {
+    out.push_back(at::bmm(qc.transpose(0, 1), keys.transpose(1, 2)).contiguous());   // [2H, tc, n]
+    for (int64_t hh = 0; hh < HH; ++hh) rows[hh] = out[0].data_ptr<acc_t>() + hh * tc * n;
+    return out;
+  }
+  static const auto lp = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  auto qh = qc.transpose(0, 1).contiguous();                                               // [2H, tc, dh]
+  for (int64_t hh = 0; hh < HH; ++hh) {
+    torch::jit::Stack st{qh[hh], keys[hh], c10::IValue(), std::string("none"), c10::List<std::optional<at::Scalar>>(), std::string("")};
+    lp.callBoxed(&st);
+    out.push_back(st[0].toTensor().contiguous());                                          // [tc, n] = q_hh @ keys_hh^T
+    rows[hh] = out.back().data_ptr<acc_t>();
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> pkm_search(const at::Tensor& q_, const at::Tensor& subkeys_, int64_t k, bool onednn) {
   check_args(q_, subkeys_, k);
   const int64_t T = q_.size(0), H = q_.size(1), dh = q_.size(3), n = subkeys_.size(2), kk = std::min(k, n);
   auto scores = at::empty({T, H, k}, q_.options());
@@ -156,7 +241,8 @@ std::tuple<at::Tensor, at::Tensor> pkm_retrieve_cpu(const at::Tensor& q_, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q_.scalar_type(), "pkm_retrieve_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-    auto keys = subkeys_.to(acc_dtype).contiguous().view({H * 2, n, dh}).transpose(1, 2);  // [2H, dh, n]
+    auto keys = subkeys_.to(acc_dtype).contiguous().view({H * 2, n, dh});                  // [2H, n, dh]
+    std::vector<const acc_t*> rows(H * 2);
     auto q = q_.contiguous();
     // tokens per chunk: keep the [2H, Tc, n] score buffer at ~4 MiB
     const int64_t Tc = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(1, 2 * H * n));
@@ -164,17 +250,16 @@ std::tuple<at::Tensor, at::Tensor> pkm_retrieve_cpu(const at::Tensor& q_, const 
     auto* id_out = idx.data_ptr<int64_t>();
     for (int64_t t0 = 0; t0 < T; t0 += Tc) {
       const int64_t tc = std::min(Tc, T - t0);
-      auto qc = q.narrow(0, t0, tc).to(acc_dtype).view({tc, H * 2, dh}).transpose(0, 1);  // [2H, tc, dh]
-      auto S = at::bmm(qc, keys).contiguous();                                             // [2H, tc, n]
-      const acc_t* Sp = S.data_ptr<acc_t>();
+      auto qc = q.narrow(0, t0, tc).to(acc_dtype).view({tc, H * 2, dh});                  // [tc, 2H, dh]
+      const auto S = chunk_scores<acc_t>(qc, keys, onednn && std::is_same_v<acc_t, float>, rows);
       at::parallel_for(0, tc * H, 1, [&](int64_t b, int64_t e) {
-        std::vector<acc_t> cs(P), bv(std::max(n, P));
-        std::vector<int32_t> cid(P), bi(std::max(n, P));
-        std::vector<Cand<acc_t>> h1(kk), h2(kk), cand(k);
+        std::vector<acc_t> cs(P), bv(std::max(n, P) + 16);             // + 16: the vector compaction's spare lanes
+        std::vector<int32_t> cid(P), bi(std::max(n, P) + 16);
+        std::vector<Cand<acc_t>> h1(kk + 1), h2(kk + 1), cand(k + 1);   // + 1: where ranks >= m are written
         for (int64_t r = b; r < e; ++r) {
           const int64_t t = r / H, h = r % H;
-          topk_row<acc_t>(Sp + ((h * 2 + 0) * tc + t) * n, nullptr, n, kk, bv.data(), bi.data(), h1.data());
-          topk_row<acc_t>(Sp + ((h * 2 + 1) * tc + t) * n, nullptr, n, kk, bv.data(), bi.data(), h2.data());
+          topk_row<acc_t>(rows[h * 2 + 0] + t * n, nullptr, n, kk, bv.data(), bi.data(), h1.data());
+          topk_row<acc_t>(rows[h * 2 + 1] + t * n, nullptr, n, kk, bv.data(), bi.data(), h2.data());
           for (int64_t p = 0; p < P; ++p) {
             const auto& a = h1[pairs[p].first];
             const auto& c = h2[pairs[p].second];
@@ -193,6 +278,15 @@ std::tuple<at::Tensor, at::Tensor> pkm_retrieve_cpu(const at::Tensor& q_, const 
     }
   });
   return {scores, idx};
+}
+
+std::tuple<at::Tensor, at::Tensor> pkm_retrieve_cpu(const at::Tensor& q, const at::Tensor& subkeys, int64_t k) {
+  return pkm_search(q, subkeys, k, false);
+}
+
+std::tuple<at::Tensor, at::Tensor> pkm_retrieve_onednn_cpu(const at::Tensor& q, const at::Tensor& subkeys, int64_t k) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "pkm_retrieve: the oneDNN kernel is float32 only, got ", q.scalar_type());
+  return pkm_search(q, subkeys, k, true);
 }
 
 // grad_q[t,h,0] = sum_j g[t,h,j] K[h,0,row_j];  grad_q[t,h,1] = sum_j g[t,h,j] K[h,1,col_j]
@@ -260,10 +354,12 @@ std::tuple<at::Tensor, at::Tensor> pkm_retrieve_backward_cpu(const at::Tensor& g
 
 TORCH_LIBRARY_FRAGMENT(memnb, m) {
   m.def("_pkm_fwd(Tensor q, Tensor subkeys, int k) -> (Tensor, Tensor)");
+  m.def("_pkm_fwd_onednn(Tensor q, Tensor subkeys, int k) -> (Tensor, Tensor)");
   m.def("_pkm_bwd(Tensor grad_scores, Tensor q, Tensor subkeys, Tensor idx) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(memnb, CPU, m) {
   m.impl("_pkm_fwd", &memnb_pkm::pkm_retrieve_cpu);
+  m.impl("_pkm_fwd_onednn", &memnb_pkm::pkm_retrieve_onednn_cpu);
   m.impl("_pkm_bwd", &memnb_pkm::pkm_retrieve_backward_cpu);
 }
