@@ -130,34 +130,51 @@ void ebw_fwd_impl(const V* values, const I* idx, const W* w, V* out, int64_t T, 
 }
 
 #ifdef __AVX512F__
-// float32 rows with D a multiple of 16, on AVX-512: the accumulator lives in 16 zmm registers (256 floats) instead
-// of in memory, one 256-wide block of D at a time, with the next rows' block prefetched 8 slots ahead. Measured at
-// the benchmark size (D=512, L=128), 1 thread: 16.4 vs 19.7 ms for the generic loop (torch/fbgemm: 14.6 ms).
+// float32 rows with D a multiple of 16, on AVX-512: the accumulator lives in NV zmm registers (16 NV floats) instead
+// of in memory, one block of D at a time (256 wide, then the rest). Each cache line of the block is prefetched for the
+// row 8 slots ahead right after its FMA, so the prefetches spread over the loop instead of coming in bursts, and the
+// prefetch address never branches (past the bag's end it repeats the current row). Measured at the benchmark size
+// (D=512, L=128), interleaved with torch: 1 thread 16.1 vs 17.5 ms for the bursty prefetch before (torch/fbgemm
+// 14.5-14.6 ms), 2 threads 8.3 vs 9.3 ms (torch 7.8).
+template <int NV, typename I>
+inline void ebw_block_f32(const float* values, const I* it, const float* wt, float* o, int64_t L, int64_t D) {
+  constexpr int64_t kPf = 8;       // values and o point at the block's first column
+  __m512 acc[NV];
+#pragma GCC unroll 16
+  for (int j = 0; j < NV; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t l = 0; l < L; ++l) {
+    const float* r = values + int64_t(it[l]) * D;
+    const char* p = reinterpret_cast<const char*>(values + int64_t(it[l + kPf < L ? l + kPf : l]) * D);
+    const __m512 wv = _mm512_set1_ps(wt[l]);
+#pragma GCC unroll 16
+    for (int j = 0; j < NV; ++j) {
+      acc[j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(r + 16 * j), acc[j]);
+      _mm_prefetch(p + 64 * j, _MM_HINT_T0);
+    }
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < NV; ++j) _mm512_storeu_ps(o + 16 * j, acc[j]);
+}
+
+// The last block's width nv in [1, 15] vectors, as a compile-time NV.
+template <typename I, int NV = 15>
+inline void ebw_tail_f32(int nv, const float* values, const I* it, const float* wt, float* o, int64_t L, int64_t D) {
+  if constexpr (NV >= 1) {
+    if (nv == NV) ebw_block_f32<NV, I>(values, it, wt, o, L, D);
+    else ebw_tail_f32<I, NV - 1>(nv, values, it, wt, o, L, D);
+  }
+}
+
 template <typename I>
 void ebw_fwd_f32_avx512(const float* values, const I* idx, const float* w, float* out, int64_t T, int64_t L, int64_t D) {
-  constexpr int64_t kPf = 8;
+  const int64_t full = D / 256 * 256;
+  const int tail = int((D - full) / 16);
   at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const I* it = idx + t * L;
       const float* wt = w + t * L;
-      for (int64_t d0 = 0; d0 < D; d0 += 256) {
-        const int nv = int(std::min<int64_t>(256, D - d0) / 16);   // live accumulators in this block
-        __m512 acc[16];
-        for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
-        for (int64_t l = 0; l < L; ++l) {
-          if (l + kPf < L) {
-            const char* p = reinterpret_cast<const char*>(values + int64_t(it[l + kPf]) * D + d0);
-            for (int j = 0; j < nv; ++j) _mm_prefetch(p + 64 * j, _MM_HINT_T0);
-          }
-          const float* r = values + int64_t(it[l]) * D + d0;
-          const __m512 wv = _mm512_set1_ps(wt[l]);
-          for (int j = 0; j < 16; ++j)
-            if (j < nv) acc[j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(r + 16 * j), acc[j]);
-        }
-        float* o = out + t * D + d0;
-        for (int j = 0; j < 16; ++j)
-          if (j < nv) _mm512_storeu_ps(o + 16 * j, acc[j]);
-      }
+      for (int64_t d0 = 0; d0 < full; d0 += 256) ebw_block_f32<16, I>(values + d0, it, wt, out + t * D + d0, L, D);
+      if (tail) ebw_tail_f32<I>(tail, values + full, it, wt, out + t * D + full, L, D);
     }
   });
 }
