@@ -22,6 +22,27 @@ using at::Tensor;
 
 using memnb_common::Acc; using memnb_common::row_grad;   // rows.h: the dense backward's row gradient, bit for bit
 
+// One row's optimizer step, element-wise. Separate functions with restrict pointers so that gcc vectorises them (sqrt
+// and division included, with -fno-math-errno): inline in the row loop it could not rule out that the row, its moments
+// and the gradient overlap, and Adam ran as scalar code (94.5 vs 23 ms per backward for SGD at the benchmark size).
+template <typename A, typename V>
+inline void sgd_row(V* __restrict row, const A* __restrict acc, A lr, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) row[d] = static_cast<V>(A(row[d]) - lr * acc[d]);
+}
+
+template <typename A, typename V>
+inline void adam_row(V* __restrict row, V* __restrict mr, V* __restrict vr, const A* __restrict acc, A b1, A b2, A eps,
+                     A step_size, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) {
+    const A gd = acc[d];
+    const A mo = A(mr[d]), vo = A(vr[d]);
+    const A mn = mo + (gd - mo) * (A(1) - b1);
+    const A vn = vo + (gd * gd - vo) * (A(1) - b2);
+    mr[d] = static_cast<V>(mn); vr[d] = static_cast<V>(vn);
+    row[d] = static_cast<V>(A(row[d]) - step_size * (mn / (std::sqrt(vn) + eps)));
+  }
+}
+
 // kind 0: SGD, row -= lr·acc. kind 1: Adam as torch.optim.SparseAdam:
 //   m = m + (acc - m)(1-β1);  v = v + (acc² - v)(1-β2);  row -= step_size · m / (√v + eps),
 // with step_size = lr·√(1-β2^t)/(1-β1^t) computed by the caller (t = the pool's global step count).
@@ -45,19 +66,8 @@ void bwd_update_impl(const V* g, V* values, const I* idx, const W* w, W* dw, V* 
       if (b == e_end) continue;  // untouched row: no step, no moment decay (as SparseAdam)
       V* row = values + r * D;
       row_grad<A, V, W>(g, row, slot.data(), b, e_end, L, w, dw, acc.data(), D, scratch);   // dw with the row before the step
-      if (kind == 0) {
-        for (int64_t d = 0; d < D; ++d) row[d] = static_cast<V>(A(row[d]) - alr * acc[d]);
-      } else {
-        V* mr = m + r * D; V* vr = v + r * D;
-        for (int64_t d = 0; d < D; ++d) {
-          const A gd = acc[d];
-          const A mo = A(mr[d]), vo = A(vr[d]);
-          const A mn = mo + (gd - mo) * (A(1) - b1);
-          const A vn = vo + (gd * gd - vo) * (A(1) - b2);
-          mr[d] = static_cast<V>(mn); vr[d] = static_cast<V>(vn);
-          row[d] = static_cast<V>(A(row[d]) - ss * (mn / (std::sqrt(vn) + aeps)));
-        }
-      }
+      if (kind == 0) sgd_row<A, V>(row, acc.data(), alr, D);
+      else adam_row<A, V>(row, m + r * D, v + r * D, acc.data(), b1, b2, aeps, ss, D);
     }
   });
 }
