@@ -6,8 +6,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include "rows.h"
+#include "onednn.h"
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -458,17 +458,14 @@ void topk_mkl(const Tensor& q, const Tensor& keys, int64_t k, int64_t tile, Tens
 // float32 GEMM runs at about twice MKL's rate at these shapes and the fusion saves a pass over the buffer; bf16/fp16
 // key tiles are widened into one reused float32 buffer.
 void topk_onednn(const Tensor& q, const Tensor& keys, int64_t k, int64_t tile, Tensor& scores, Tensor& index) {
-  static const auto lp = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
   const int64_t M = keys.size(0), dk = keys.size(1);
   const bool widen = keys.scalar_type() != at::kFloat;
   auto kbuf = widen ? at::empty({std::min(tile, M), dk}, q.options()) : Tensor();
   auto ts = at::empty({tile}, q.options());
   topk_tiles<float>(M, k, tile, q.options(), [&](int64_t s, int64_t n) {
     auto kt = widen ? kbuf.narrow(0, 0, n).copy_(keys.narrow(0, s, n)) : keys.narrow(0, s, n);   // [n, dk] float32
-    torch::jit::Stack st{kt, q, c10::IValue(), std::string("sigmoid"), c10::List<std::optional<at::Scalar>>(), std::string("")};
-    lp.callBoxed(&st);
     auto tsn = ts.narrow(0, 0, n);
-    return at::mean_out(tsn, st[0].toTensor(), {1}, false);   // [n, Q] sigmoid(k_j . q_t) -> [n]
+    return at::mean_out(tsn, memnb_common::onednn_linear(kt, q, "sigmoid"), {1}, false);   // [n, Q] sigmoid(k_j . q_t) -> [n]
   }, scores, index);
 }
 

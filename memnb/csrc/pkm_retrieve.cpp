@@ -15,12 +15,12 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <type_traits>
 #include <vector>
+#include "onednn.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -219,12 +219,9 @@ std::vector<at::Tensor> chunk_scores(const at::Tensor& qc, const at::Tensor& key
     for (int64_t hh = 0; hh < HH; ++hh) rows[hh] = out[0].data_ptr<acc_t>() + hh * tc * n;
     return out;
   }
-  static const auto lp = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
   auto qh = qc.transpose(0, 1).contiguous();                                               // [2H, tc, dh]
   for (int64_t hh = 0; hh < HH; ++hh) {
-    torch::jit::Stack st{qh[hh], keys[hh], c10::IValue(), std::string("none"), c10::List<std::optional<at::Scalar>>(), std::string("")};
-    lp.callBoxed(&st);
-    out.push_back(st[0].toTensor().contiguous());                                          // [tc, n] = q_hh @ keys_hh^T
+    out.push_back(memnb_common::onednn_linear(qh[hh], keys[hh], "none").contiguous());     // [tc, n] = q_hh @ keys_hh^T
     rows[hh] = out.back().data_ptr<acc_t>();
   }
   return out;
