@@ -373,6 +373,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                            'memnb.ops.embedding_bag_wsum': ('ops.html#embedding_bag_wsum', 'memnb/ops.py'),
                            'memnb.ops.embedding_bag_wsum_backward_ref': ('ops.html#embedding_bag_wsum_backward_ref', 'memnb/ops.py'),
                            'memnb.ops.embedding_bag_wsum_ref': ('ops.html#embedding_bag_wsum_ref', 'memnb/ops.py'),
+                           'memnb.ops.has_topk_bf16': ('ops.html#has_topk_bf16', 'memnb/ops.py'),
                            'memnb.ops.headers_tag': ('ops.html#headers_tag', 'memnb/ops.py'),
                            'memnb.ops.load_extension': ('ops.html#load_extension', 'memnb/ops.py'),
                            'memnb.ops.onednn_fp32': ('ops.html#onednn_fp32', 'memnb/ops.py'),

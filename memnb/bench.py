@@ -95,15 +95,15 @@ def read_bandwidth(nbytes:int=512 * 2**20, reps:int=5, device='cpu') -> float:
     return nbytes / t.median
 
 # %% ../nbs/00a_bench.ipynb #318a57cc
-def tiled_gemm(queries, # [T, dk] float32 queries
-               keys, # [M, dk] float32 keys
+def tiled_gemm(queries, # [T, dk] queries, float32 or bf16
+               keys, # [M, dk] keys, the queries' dtype
                tile:int, # keys per GEMM
-               backend:str='onednn', # 'onednn' or 'mkl'
+               backend:str='onednn', # 'onednn' or 'mkl' (ATen's `mm`: MKL for float32, oneDNN's bf16 GEMM for bf16)
               ): # () -> None, one pass of 2·T·M·dk FLOPs
-    "A callable running the float32 GEMMs of a tiled scorer over all `keys`, and nothing else."
+    "A callable running the GEMMs of a tiled scorer over all `keys` in their dtype, and nothing else."
     if backend not in ('onednn', 'mkl'): raise ValueError(f"tiled_gemm: backend must be 'onednn' or 'mkl', got {backend!r}")
     T, M = queries.shape[0], keys.shape[0]
-    buf = torch.empty(T, tile)
+    buf = torch.empty(T, tile, dtype=queries.dtype)
     def mkl():
         for s in range(0, M, tile):
             kt = keys[s:s + tile]; torch.mm(queries, kt.T, out=buf[:, :len(kt)] if len(kt) == tile else None)

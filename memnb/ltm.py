@@ -169,6 +169,7 @@ class LTM:
                  merge_every:int=60, # injections between merges of the cache into the LTM (`update_ltm_frequency`)
                  storage:str='ram', # 'ram', or 'disk' for values in memory-mapped files under `path`
                  path=None, # folder for the value files when `storage='disk'`
+                 key_dtype:torch.dtype|None=None, # dtype the keys are stored and scored in; None = `dtype` (and follows `cast`)
                 ):
         if policy not in POLICIES: raise ValueError(f"LTM: `policy` must be one of {POLICIES}, got {policy!r}")
         if storage not in ('ram', 'disk'): raise ValueError(f"LTM: `storage` must be 'ram' or 'disk', got {storage!r}")
@@ -176,11 +177,13 @@ class LTM:
         for k, v in dict(num_layers=num_layers, d=d, dk=dk, cap=cap, merge_every=merge_every).items():
             if not (isinstance(v, int) and v > 0): raise ValueError(f"LTM: `{k}` must be a positive int, got {v!r}")
         self.num_layers, self.d, self.dk, self.dtype = num_layers, d, dk, dtype
+        self.fixed_key_dtype = key_dtype                    # None: the keys follow `dtype`
+        self.key_dtype = key_dtype if key_dtype is not None else dtype
         self.policy, self.cap, self.min_keep = policy, cap, min_keep
         self.initial_rf, self.decay, self.merge_every = float(initial_rf), float(decay), merge_every
         self.storage, self.path = storage, (Path(path) if path is not None else None)
         self.values = [self._new_values(l) for l in range(num_layers)]
-        self._keys = [Rows((dk,), dtype) for _ in range(num_layers)]
+        self._keys = [Rows((dk,), self.key_dtype) for _ in range(num_layers)]
         self._ages = [Rows((), torch.int64) for _ in range(num_layers)]
         self._rf = [Rows((), torch.float32) for _ in range(num_layers)]
         self.n_merged = [0] * num_layers
@@ -216,7 +219,7 @@ def gather(self:LTM, l:int, idx): # idx: [k] int64 row indices of layer l
 @patch
 def empty_like(self:LTM) -> LTM:
     "A new, empty LTM with this one's shape, dtype, policy and storage."
-    c = self.config(); c['dtype'] = self.dtype
+    c = self.config(); c['dtype'], c['key_dtype'] = self.dtype, self.fixed_key_dtype
     return LTM(**c, storage=self.storage, path=self.path)
 
 # %% ../nbs/06_ltm.ipynb #d4f4f564
@@ -234,7 +237,7 @@ def push(self:LTM, l:int, # layer
         raise ValueError(f"LTM.push: expected values [m, {self.d}], keys [m, {self.dk}], ages [m]; got "
                          f"{tuple(values.shape)}, {tuple(keys.shape)}, {tuple(ages.shape)}")
     self.values[l].append(values.detach().to('cpu', self.dtype))
-    self._keys[l].append(keys.detach().to('cpu', self.dtype))
+    self._keys[l].append(keys.detach().to('cpu', self.key_dtype))
     self._ages[l].append(ages.detach().to('cpu', torch.int64))
     self._rf[l].append(torch.full((m,), self.initial_rf))
 
@@ -277,9 +280,10 @@ def step(self:LTM) -> bool:
 @patch
 def config(self:LTM) -> dict:
     "The constructor arguments that define this LTM's shape and policy (JSON-able)."
+    kd = self.fixed_key_dtype
     return dict(num_layers=self.num_layers, d=self.d, dk=self.dk, dtype=str(self.dtype).removeprefix('torch.'),
                 policy=self.policy, cap=self.cap, min_keep=self.min_keep, initial_rf=self.initial_rf,
-                decay=self.decay, merge_every=self.merge_every)
+                decay=self.decay, merge_every=self.merge_every, key_dtype=None if kd is None else str(kd).removeprefix('torch.'))
 
 @patch
 def state_tensors(self:LTM) -> dict:
@@ -316,7 +320,7 @@ def load_state_tensors(self:LTM, sd:dict, # tensors named as in `state_tensors`
                              f"{tuple(a.shape)}, {tuple(r.shape)}")
     if n_merged is None: n_merged = sd['ltm_n_merged'].tolist() if 'ltm_n_merged' in sd else [sd[f'ltm.{l}'].shape[0] for l in range(L)]
     for l in range(L):
-        for rows, t in ((self.values[l], sd[f'ltm.{l}'].to(self.dtype)), (self._keys[l], sd[f'ltm_keys.{l}'].to(self.dtype)),
+        for rows, t in ((self.values[l], sd[f'ltm.{l}'].to(self.dtype)), (self._keys[l], sd[f'ltm_keys.{l}'].to(self.key_dtype)),
                         (self._ages[l], sd[f'ltm_ages.{l}'].to(torch.int64)),
                         (self._rf[l], sd[f'ltm_recall_frequencies.{l}'].to(torch.float32))):
             rows.clear(); rows.append(t)
@@ -341,14 +345,19 @@ def restore(self:LTM, snap):
 
 # %% ../nbs/06_ltm.ipynb #c5e7f6dc
 @patch
-def cast(self:LTM, dtype:torch.dtype, # new dtype of values and keys
+def cast(self:LTM, dtype:torch.dtype, # new dtype of values (and of keys, unless `key_dtype` was given)
          chunk:int=65536):
-    "Convert values and keys to `dtype` chunk by chunk (RAM, or new scratch files); returns self."
+    "Convert values (and keys that follow them) to `dtype` chunk by chunk (RAM, or new scratch files); returns self."
     if dtype == self.dtype: return self
     self.dtype = dtype
+    kd = self.fixed_key_dtype if self.fixed_key_dtype is not None else dtype
     for l in range(self.num_layers):
-        for old, new in ((self.values[l], self._new_values(l)), (self._keys[l], Rows((self.dk,), dtype))):
-            for a in range(0, len(old), chunk): new.append(old.data[a:a+chunk].to(dtype))
-            if old is self.values[l]: self.values[l] = new
-            else: self._keys[l] = new
+        new = self._new_values(l)
+        for a in range(0, len(self.values[l]), chunk): new.append(self.values[l].data[a:a+chunk].to(dtype))
+        self.values[l] = new
+        if kd != self.key_dtype:
+            keys = Rows((self.dk,), kd)
+            for a in range(0, len(self._keys[l]), chunk): keys.append(self._keys[l].data[a:a+chunk].to(kd))
+            self._keys[l] = keys
+    self.key_dtype = kd
     return self

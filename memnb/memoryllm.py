@@ -128,6 +128,7 @@ def add_lora(self:MemoryLLM, r:int=8, # rank
 def adapter(self:MemoryLLM, mode:str): # 'write' (adapter `default`) or 'read' (`decoder_adapter` if present)
     "Context manager: run the block with the write or read LoRA adapter active."
     if mode not in ('write', 'read'): raise ValueError(f"MemoryLLM.adapter: mode must be 'write' or 'read', got {mode!r}")
+    if self.lora_config is None: return contextlib.nullcontext()   # no LoRA attached: nothing to switch, no walk over every module
     return use_adapter(self, 'decoder_adapter' if mode == 'read' and self.add_decoder_lora else 'default')
 
 # %% ../nbs/04_memoryllm.ipynb #3c505714

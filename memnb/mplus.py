@@ -43,6 +43,7 @@ class MPlus(MemoryLLM):
                  initial_rf_when_moving_stm_to_ltm:float=10., # recall frequency of a newly merged entry
                  ltm_storage:str='ram', # 'ram', or 'disk': LTM values in memory-mapped scratch files under `ltm_path`
                  ltm_path=None, # folder for the disk-backed LTM
+                 ltm_key_dtype:torch.dtype|None=None, # dtype LTM keys are stored and scored in; None = the model's (bf16: half the key memory)
                  age_semantics:str='training', # 'training': STM ages advance too; 'official': the released inference file's ages
                  rope_bf16:bool=False, # round RoPE inverse frequencies to bf16 (parity with the mplus-8b checkpoint)
                  encoder_retriever:bool=False, # hold `encoder_query_proj` too (`add_encoder_retriever`; unused when reading)
@@ -61,7 +62,8 @@ class MPlus(MemoryLLM):
         if self.memory.ltm is None:
             self.memory.ltm = LTM(self.L, self.d, retriever_dim, dtype=w.dtype, policy=ltm_policy, cap=ltm_cap,
                                   min_keep=self.k_ltm, initial_rf=initial_rf_when_moving_stm_to_ltm, decay=decay_frequency,
-                                  merge_every=update_ltm_frequency, storage=ltm_storage, path=ltm_path)
+                                  merge_every=update_ltm_frequency, storage=ltm_storage, path=ltm_path,
+                                  key_dtype=ltm_key_dtype)
         self.rope_bf16 = rope_bf16
         if rope_bf16: self.round_rope_bf16()
         self.last_retrieval = {}  # layer -> [B, R] LTM rows read by the last prefill
@@ -198,7 +200,7 @@ def as_memoryllm(self:MPlus, seed:int|None=None, # drop seed of the view's memor
     m.memory.ages, m.memory.sources, m.memory.step = mem.ages.clone(), mem.sources.clone(), mem.step
     return m.train(self.training)
 
-# %% ../nbs/08_mplus.ipynb #e86f54da
+# %% ../nbs/08_mplus.ipynb #dbd94db7
 _MPLUS_FIELDS = ('num_ltm_blocks', 'ltm_initial_size', 'update_ltm_mode', 'update_ltm_frequency', 'decay_frequency',
                  'initial_rf_when_moving_stm_to_ltm', 'add_selector', 'selector_hidden_dim', 'num_selector_layers', 'selector_layers',
                  'map_from_hidden_states', 'detach_hidden_state', 'add_encoder_retriever', 'maintain_memory_keys')
@@ -232,7 +234,7 @@ def mplus_kwargs(cfg:dict, # the checkpoint's config.json
         if f in cfg: kw[f] = cfg[f]
     return kw
 
-# %% ../nbs/08_mplus.ipynb #dbd94db7
+# %% ../nbs/08_mplus.ipynb #ac08e40f
 @patch
 def official_state_dict(self:MPlus) -> dict:
     "MemoryLLM's official tensors (minus `initialized`) + retriever projectors + the LTM, in the mplus-8b layout."
@@ -257,7 +259,7 @@ def load_official_state_dict(self:MPlus, sd:dict): # name -> tensor, mplus-8b la
     self.memory.ltm = ltm
     self.clear_memory_cache()
 
-# %% ../nbs/08_mplus.ipynb #ac08e40f
+# %% ../nbs/08_mplus.ipynb #2547dfe3
 @patch(cls_method=True)
 def from_pretrained(cls:MPlus, path, # a local M+ checkpoint directory (config.json + weights, mplus-8b layout)
                     dtype=None, # cast weights, memory and LTM to this dtype (default: as stored)
@@ -287,7 +289,7 @@ def checkpoint_config(self:MPlus) -> dict:
 
 register_auto(MPlusConfig, MPlus)
 
-# %% ../nbs/08_mplus.ipynb #13233fa7
+# %% ../nbs/08_mplus.ipynb #fa37c30b
 @patch
 def related_slots(self:MPlus, writes) -> torch.Tensor: # writes: write ids, as returned by `inject`
     "[L, N] bool: True for STM slots that came from one of `writes` (the retriever's positive labels)."
@@ -331,7 +333,7 @@ def param_groups(self:MPlus, lr:float, # learning rate of every trainable non-re
     rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
     return [dict(params=rest, lr=lr), dict(params=ret, lr=retriever_lr)]
 
-# %% ../nbs/08_mplus.ipynb #fa37c30b
+# %% ../nbs/08_mplus.ipynb #6f990266
 @patch
 def memory_retriever_loss(self:MPlus, layer_inputs:list, # each layer's input [B, T, d] (`forward(..., layer_inputs=xs)`)
                           memory:torch.Tensor, # [B, L, M, d] the memories that were read

@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['CSRC', 'headers_tag', 'build_lock_state', 'wait_build_lock', 'load_extension', 'backend', 'embedding_bag_wsum_ref',
            'embedding_bag_wsum_backward_ref', 'embedding_bag_wsum', 'pool_drop_append_ref', 'pool_drop_append',
-           'pool_drop_append_', 'topk_mean_sigmoid_ref', 'onednn_fp32', 'topk_recipe', 'topk_mean_sigmoid']
+           'pool_drop_append_', 'topk_mean_sigmoid_ref', 'onednn_fp32', 'has_topk_bf16', 'topk_recipe',
+           'topk_mean_sigmoid']
 
 # %% ../nbs/01_ops.ipynb #cd7f415f
 import os, json, socket, time, warnings, contextlib, importlib.util, zlib
@@ -391,17 +392,24 @@ def onednn_fp32() -> bool:
                 and torch.backends.mkldnn.matmul.fp32_precision in ('none', 'ieee'))
     except Exception: return False
 
+def has_topk_bf16() -> bool:
+    "True when the CPU kernels were built with the AVX-512 BF16 recipe of `topk_mean_sigmoid`."
+    return backend('topk_mean_sigmoid') == 'cpp' and torch.ops.memnb._has_topk_bf16()
+
 def topk_recipe(device='cpu', # where the queries are
-                dtype=torch.float32, # the queries' dtype
+                dtype=torch.float32, # the queries' (and keys') dtype
+                dk:int=256, # the key width: the bf16 recipe needs it even
                ) -> str:
-    "How `topk_mean_sigmoid` scores on `device`: 'onednn' or 'cpp' (CPU kernels), 'cuda', or 'torch' (the reference)."
+    "How `topk_mean_sigmoid` scores on `device`: 'bf16', 'onednn' or 'cpp' (CPU kernels), 'cuda', or 'torch' (the reference)."
     b = backend('topk_mean_sigmoid', device)
+    if b == 'cpp' and dtype == torch.bfloat16 and dk % 2 == 0 and has_topk_bf16(): return 'bf16'
     return 'onednn' if b == 'cpp' and dtype != torch.float64 and onednn_fp32() else b
 
 # %% ../nbs/01_ops.ipynb #f64d775e
 @torch.library.custom_op('memnb::topk_mean_sigmoid', mutates_args=())
 def _topk_op(queries:Tensor, keys:Tensor, k:int) -> tuple[Tensor, Tensor]:
-    recipe = topk_recipe(queries.device, queries.dtype)
+    recipe = topk_recipe(queries.device, queries.dtype, queries.shape[1])
+    if recipe == 'bf16': return torch.ops.memnb._topk_mean_sigmoid_bf16(queries.contiguous(), keys.contiguous(), k)
     if recipe == 'onednn': return torch.ops.memnb._topk_mean_sigmoid_onednn(queries.contiguous(), keys.contiguous(), k)
     if recipe != 'torch': return torch.ops.memnb._topk_mean_sigmoid(queries.contiguous(), keys.contiguous(), k)
     return topk_mean_sigmoid_ref(queries, keys, k)

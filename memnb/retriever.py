@@ -82,7 +82,7 @@ def retrieve(queries, # [T, dk] query projections of one prompt's tokens, on any
     _check_retrieve('retrieve', queries, keys, ages, k)
     M = keys.shape[0]
     if M == 0 or k == 0: return torch.zeros(0, dtype=torch.long)
-    _, idx = topk_mean_sigmoid(queries, keys.to(queries.dtype), min(k, M))  # [min(k, M)] best first, ties to the lower row
+    _, idx = topk_mean_sigmoid(queries.to(keys.dtype), keys, min(k, M))  # scored in the keys' dtype: [min(k, M)] best first, ties to the lower row
     return age_order(idx.cpu(), ages, k)
 
 # %% ../nbs/07_retriever.ipynb #bf437abe
@@ -97,7 +97,7 @@ def retrieve_batch(queries, # B query sets [T_b, dk] (a list, or a [B, T, dk] te
     if not queries or keys.shape[0] == 0 or k == 0: return torch.zeros(len(queries), 0, dtype=torch.long)
     return torch.stack([retrieve(q, keys, ages, k) for q in queries])
 
-# %% ../nbs/07_retriever.ipynb #fca46ea2
+# %% ../nbs/07_retriever.ipynb #ca404831
 def retrieval_weights(queries, # [T, dk] query projections of the target tokens
                       keys, # [M, dk] key projections of the memory slots
                      ) -> torch.Tensor: # [M]

@@ -469,6 +469,103 @@ void topk_onednn(const Tensor& q, const Tensor& keys, int64_t k, int64_t tile, T
   }, scores, index);
 }
 
+// The bf16 recipe (bf16 queries and keys, AVX-512 BF16): products of bf16 pairs summed in float32 by `vdpbf16ps`
+// (each bf16 x bf16 product is exact in float32), sigmoid and the mean over the queries in float32 registers, so
+// neither the [Q, M] logits nor a widened copy of the keys is ever written. The queries are packed once per call
+// into VNNI pairs, qp[(i * Qp + t) * 2 + c] = q[t][2i + c] with Qp = Q rounded up to 16 (zero padding, masked out of
+// the mean); each key row is read straight from the caller's [M, dk] tensor, one 32-bit pair broadcast at a time.
+// R keys x NQ vectors of 16 queries are held in R * NQ accumulators (at most 24 of the 32 zmm registers).
+#if defined(__AVX512BF16__)
+static inline __m512 sigmoid16(__m512 x) {   // 1 / (1 + 2^t), t = -x log2(e); 2^t = scalef(2^f, round(t)), |f| <= 1/2
+  // t within [-126, 126] keeps 1 + 2^t finite (its reciprocal then underflows to 0, sigmoid < 1e-37: exact enough)
+  const __m512 hi = _mm512_set1_ps(126.f), lo = _mm512_set1_ps(-126.f);
+  __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(-1.4426950408889634f));
+  t = _mm512_max_ps(lo, _mm512_min_ps(hi, t));   // NaN stays NaN (min/max return their second operand on NaN)
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471805599453f));   // f ln 2, |.| <= 0.347
+  __m512 p = _mm512_set1_ps(1.f / 5040);   // exp(f ln 2) to degree 7: truncation error below 1e-8 relative
+  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  const __m512 one = _mm512_set1_ps(1.f), den = _mm512_add_ps(one, _mm512_scalef_ps(p, n));
+  const __m512 r = _mm512_rcp14_ps(den);                                        // 1/den to 2^-14, then one Newton step
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(den, r, _mm512_set1_ps(2.f)));
+}
+
+// Keys k0..k0+R-1 against query vectors v0..v0+NQ-1: adds sum over those queries of sigmoid(q . key) to sums[r]
+// (lanes past Q in the last vector, `last`, are masked by `tail`).
+template <int R, int NQ>
+static inline void bf16_block(const uint16_t* keys, int64_t dk, const uint16_t* qp, int64_t Qp, int64_t v0,
+                              int64_t last, __mmask16 tail, __m512* sums) {
+  __m512 acc[R][NQ];
+  for (int r = 0; r < R; ++r) for (int j = 0; j < NQ; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < dk / 2; ++i) {
+    const uint16_t* qrow = qp + (i * Qp + v0 * 16) * 2;
+    __m512bh qv[NQ];
+    for (int j = 0; j < NQ; ++j) qv[j] = (__m512bh)_mm512_loadu_si512(qrow + 32 * j);
+    for (int r = 0; r < R; ++r) {
+      int32_t pair; std::memcpy(&pair, keys + r * dk + 2 * i, 4);
+      const __m512bh kb = (__m512bh)_mm512_set1_epi32(pair);
+      for (int j = 0; j < NQ; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], kb, qv[j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NQ; ++j) {
+      const __m512 s = sigmoid16(acc[r][j]);
+      sums[r] = v0 + j == last ? _mm512_mask_add_ps(sums[r], tail, sums[r], s) : _mm512_add_ps(sums[r], s);
+    }
+}
+
+// Mean-sigmoid scores of keys k0..k0+R-1 over all Q queries, into out[0..R-1].
+template <int R>
+static void bf16_keys(const uint16_t* keys, int64_t dk, const uint16_t* qp, int64_t Q, float* out) {
+  const int64_t Qp = (Q + 15) / 16 * 16, nv = Qp / 16, last = nv - 1;
+  const __mmask16 tail = Q % 16 ? __mmask16((1u << (Q % 16)) - 1) : __mmask16(0xFFFF);
+  __m512 sums[R];
+  for (int r = 0; r < R; ++r) sums[r] = _mm512_setzero_ps();
+  int64_t v = 0;
+  for (; v + 4 <= nv; v += 4) bf16_block<R, 4>(keys, dk, qp, Qp, v, last, tail, sums);
+  switch (nv - v) {
+    case 3: bf16_block<R, 3>(keys, dk, qp, Qp, v, last, tail, sums); break;
+    case 2: bf16_block<R, 2>(keys, dk, qp, Qp, v, last, tail, sums); break;
+    case 1: bf16_block<R, 1>(keys, dk, qp, Qp, v, last, tail, sums); break;
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(sums[r]) / float(Q);
+}
+
+void topk_bf16(const Tensor& q, const Tensor& keys, int64_t k, Tensor& scores, Tensor& index) {
+  const int64_t Q = q.size(0), M = keys.size(0), dk = keys.size(1), Qp = (Q + 15) / 16 * 16;
+  std::vector<uint16_t> qp(size_t(dk) * Qp, 0);   // VNNI pairs, zero padding
+  const uint16_t* qs = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
+  for (int64_t t = 0; t < Q; ++t)
+    for (int64_t i = 0; i < dk / 2; ++i)
+      for (int c = 0; c < 2; ++c) qp[(i * Qp + t) * 2 + c] = qs[t * dk + 2 * i + c];
+  const uint16_t* ks = reinterpret_cast<const uint16_t*>(keys.data_ptr<at::BFloat16>());
+  constexpr int64_t R = 6, tile = 4096;   // keys per register block; keys scored per top-k merge
+  std::vector<float> sc(std::min(tile, M));
+  RunningTopK<float> top(k, tile);
+  for (int64_t s = 0; s < M; s += tile) {
+    const int64_t n = std::min(tile, M - s);
+    at::parallel_for(0, (n + R - 1) / R, 16, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t j = b * R;
+        if (j + R <= n) bf16_keys<R>(ks + (s + j) * dk, dk, qp.data(), Q, sc.data() + j);
+        else for (int64_t r = j; r < n; ++r) bf16_keys<1>(ks + (s + r) * dk, dk, qp.data(), Q, sc.data() + r);
+      }
+    });
+    top.add(sc.data(), n, s);
+  }
+  top.finish(q.options().dtype(at::kFloat), scores, index);
+}
+#endif
+
+// True when this build has the bf16 recipe (compiled for a CPU with AVX-512 BF16).
+bool has_topk_bf16() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 static void check_topk_args(const char* op, const Tensor& queries, const Tensor& keys, int64_t k) {
   TORCH_CHECK(queries.dim() == 2 && keys.dim() == 2 && queries.size(1) == keys.size(1), op, ": `queries` ", queries.sizes(),
               " and `keys` ", keys.sizes(), " must be [Q, dk] and [M, dk]");
@@ -489,6 +586,22 @@ std::tuple<Tensor, Tensor> topk_mean_sigmoid_onednn_cpu(const Tensor& queries, c
   // [tile, Q] float32 scores of about 2 MiB (L2-sized), within [256, 4096] keys: memnb.retriever._op_tile replays this rule
   const int64_t tile = std::max<int64_t>(256, std::min<int64_t>(4096, (int64_t(1) << 19) / Q));
   topk_onednn(queries.to(at::kFloat).contiguous(), keys.contiguous(), k, tile, scores, index);
+  return {scores.to(queries.scalar_type()), index};
+}
+
+std::tuple<Tensor, Tensor> topk_mean_sigmoid_bf16_cpu(const Tensor& queries, const Tensor& keys, int64_t k) {
+  const char* op = "topk_mean_sigmoid";
+  check_topk_args(op, queries, keys, k);
+  TORCH_CHECK(queries.scalar_type() == at::kBFloat16, op, ": the bf16 kernel takes bfloat16 queries and keys, got ", queries.scalar_type());
+  TORCH_CHECK(keys.size(1) % 2 == 0, op, ": the bf16 kernel needs an even key width (bf16 pairs), got dk=", keys.size(1));
+  TORCH_CHECK(has_topk_bf16(), op, ": this build has no AVX-512 BF16 kernel (the CPU lacks avx512_bf16)");
+  const int64_t M = keys.size(0), Q = queries.size(0);
+  Tensor scores, index = at::empty({k}, queries.options().dtype(at::kLong));
+  if (k == 0 || M == 0) return {at::empty({0}, queries.options()), index};
+  if (Q == 0) return {at::full({k}, -INFINITY, queries.options()), at::arange(k, index.options())};
+#if defined(__AVX512BF16__)
+  topk_bf16(queries.contiguous(), keys.contiguous(), k, scores, index);
+#endif
   return {scores.to(queries.scalar_type()), index};
 }
 
@@ -520,6 +633,8 @@ TORCH_LIBRARY_FRAGMENT(memnb, m) {
   m.def("_pool_drop_append_(Tensor(a!) pool, Tensor new, Tensor drop_idx) -> Tensor");
   m.def("_topk_mean_sigmoid(Tensor queries, Tensor keys, int k) -> (Tensor, Tensor)");
   m.def("_topk_mean_sigmoid_onednn(Tensor queries, Tensor keys, int k) -> (Tensor, Tensor)");
+  m.def("_topk_mean_sigmoid_bf16(Tensor queries, Tensor keys, int k) -> (Tensor, Tensor)");
+  m.def("_has_topk_bf16() -> bool", &memnb::has_topk_bf16);
 }
 
 TORCH_LIBRARY_IMPL(memnb, CPU, m) {
@@ -529,4 +644,5 @@ TORCH_LIBRARY_IMPL(memnb, CPU, m) {
   m.impl("_pool_drop_append_", &memnb::pool_drop_append_inplace_cpu);
   m.impl("_topk_mean_sigmoid", &memnb::topk_mean_sigmoid_cpu);
   m.impl("_topk_mean_sigmoid_onednn", &memnb::topk_mean_sigmoid_onednn_cpu);
+  m.impl("_topk_mean_sigmoid_bf16", &memnb::topk_mean_sigmoid_bf16_cpu);
 }
