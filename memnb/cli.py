@@ -39,9 +39,17 @@ def find_experiment(name:str, nbs_dir=None) -> Path:
 
 # %% ../nbs/12_cli.ipynb #60615ffa
 def declared_params(nb_path) -> dict:
-    "The notebook's parameters: name -> (type name, default source text)."
+    "The notebook's parameters: name -> (type name, default source text); raises if papermill cannot read one."
+    import nbformat
     from papermill.inspection import inspect_notebook
-    return {k: (v['inferred_type_name'], v['default']) for k, v in inspect_notebook(str(nb_path)).items()}
+    got = {k: (v['inferred_type_name'], v['default']) for k, v in inspect_notebook(str(nb_path)).items()}
+    cells = [c for c in nbformat.read(str(nb_path), as_version=4).cells if 'parameters' in c.get('metadata', {}).get('tags', [])]
+    names = [t.id for c in cells for node in ast.parse(c.source).body if isinstance(node, (ast.Assign, ast.AnnAssign))
+             for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)]
+    if missed := [n for n in names if n not in got]:   # papermill skips a line it cannot parse, e.g. a comment holding '='
+        raise ValueError(f"{Path(nb_path).stem}: papermill cannot read the parameter line of {', '.join(missed)} (so it could "
+                         "not be set); write it as `name: type = value  # comment`, with no '=' in the comment")
+    return got
 
 def parse_value(text:str):
     "A command-line value as a Python literal where it is one (`3`, `0.5`, `[1,2]`, `True`), else the string itself."
