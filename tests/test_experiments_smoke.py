@@ -15,3 +15,14 @@ def test_tiny_soak_smoke(tmp_path):
     run_experiment('tiny_soak', dict(writes=40, every=10, windows=2), out_dir=tmp_path, html=False, progress=False)
     r = json.loads((tmp_path/'results.json').read_text())
     assert r['writes'] == 40 and r['nonfinite_checks'] == 0 and len(r['windows']) == 2
+
+def test_lookup_probe_smoke(tmp_path):
+    "Both vocabularies run end to end (in context, then through memory) and report held-out recall with the wrong-memory control."
+    for vocab in ('word', 'byte'):
+        out = tmp_path/vocab
+        run_experiment('lookup_probe', dict(vocab=vocab, ic_steps=6, bare_steps=3, template_from=5, mem_steps=3, eval_every=3, eval_episodes=2),
+                       out_dir=out, html=False, progress=False)
+        r = json.loads((out/'results.json').read_text())
+        assert r['in_context']['n'] == r['memory']['n'] == 8
+        for v in (r['in_context']['bare'], r['in_context']['template'], r['memory']['template'], r['memory']['wrong_memory']): assert 0 <= v <= 1
+        assert [h['phase'] for h in r['history']].count('memory') == 4 and (out/'probe.png').stat().st_size > 1000
