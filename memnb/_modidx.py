@@ -244,6 +244,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                            'memnb.ltm.LTM.config': ('ltm.html#ltm.config', 'memnb/ltm.py'),
                            'memnb.ltm.LTM.empty_like': ('ltm.html#ltm.empty_like', 'memnb/ltm.py'),
                            'memnb.ltm.LTM.gather': ('ltm.html#ltm.gather', 'memnb/ltm.py'),
+                           'memnb.ltm.LTM.key_dtype': ('ltm.html#ltm.key_dtype', 'memnb/ltm.py'),
                            'memnb.ltm.LTM.keys': ('ltm.html#ltm.keys', 'memnb/ltm.py'),
                            'memnb.ltm.LTM.load_state_tensors': ('ltm.html#ltm.load_state_tensors', 'memnb/ltm.py'),
                            'memnb.ltm.LTM.merge': ('ltm.html#ltm.merge', 'memnb/ltm.py'),

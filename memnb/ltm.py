@@ -177,8 +177,7 @@ class LTM:
         for k, v in dict(num_layers=num_layers, d=d, dk=dk, cap=cap, merge_every=merge_every).items():
             if not (isinstance(v, int) and v > 0): raise ValueError(f"LTM: `{k}` must be a positive int, got {v!r}")
         self.num_layers, self.d, self.dk, self.dtype = num_layers, d, dk, dtype
-        self.fixed_key_dtype = key_dtype                    # None: the keys follow `dtype`
-        self.key_dtype = key_dtype if key_dtype is not None else dtype
+        self.fixed_key_dtype = key_dtype                    # None: the keys follow `dtype` (`key_dtype` is derived)
         self.policy, self.cap, self.min_keep = policy, cap, min_keep
         self.initial_rf, self.decay, self.merge_every = float(initial_rf), float(decay), merge_every
         self.storage, self.path = storage, (Path(path) if path is not None else None)
@@ -198,6 +197,8 @@ from fastcore.basics import patch
 
 @patch
 def __len__(self:LTM): return sum(len(k) for k in self._keys)
+@patch(as_prop=True)
+def key_dtype(self:LTM): return self.fixed_key_dtype if self.fixed_key_dtype is not None else self.dtype  # keys' storage dtype
 @patch
 def size(self:LTM, l:int): return len(self._keys[l])  # merged + cached rows of layer l
 @patch
@@ -349,15 +350,15 @@ def cast(self:LTM, dtype:torch.dtype, # new dtype of values (and of keys, unless
          chunk:int=65536):
     "Convert values (and keys that follow them) to `dtype` chunk by chunk (RAM, or new scratch files); returns self."
     if dtype == self.dtype: return self
+    old_kd = self.key_dtype
     self.dtype = dtype
-    kd = self.fixed_key_dtype if self.fixed_key_dtype is not None else dtype
+    kd = self.key_dtype
     for l in range(self.num_layers):
         new = self._new_values(l)
         for a in range(0, len(self.values[l]), chunk): new.append(self.values[l].data[a:a+chunk].to(dtype))
         self.values[l] = new
-        if kd != self.key_dtype:
+        if kd != old_kd:
             keys = Rows((self.dk,), kd)
             for a in range(0, len(self._keys[l]), chunk): keys.append(self._keys[l].data[a:a+chunk].to(kd))
             self._keys[l] = keys
-    self.key_dtype = kd
     return self
