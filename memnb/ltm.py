@@ -350,15 +350,19 @@ def cast(self:LTM, dtype:torch.dtype, # new dtype of values (and of keys, unless
          chunk:int=65536):
     "Convert values (and keys that follow them) to `dtype` chunk by chunk (RAM, or new scratch files); returns self."
     if dtype == self.dtype: return self
-    old_kd = self.key_dtype
-    self.dtype = dtype
-    kd = self.key_dtype
-    for l in range(self.num_layers):
-        new = self._new_values(l)
-        for a in range(0, len(self.values[l]), chunk): new.append(self.values[l].data[a:a+chunk].to(dtype))
-        self.values[l] = new
-        if kd != old_kd:
-            keys = Rows((self.dk,), kd)
-            for a in range(0, len(self._keys[l]), chunk): keys.append(self._keys[l].data[a:a+chunk].to(kd))
-            self._keys[l] = keys
+    old_dtype, old_kd = self.dtype, self.key_dtype
+    self.dtype = dtype                                   # `_new_values` and `key_dtype` follow it
+    try:
+        kd, values, keys = self.key_dtype, [], []
+        for l in range(self.num_layers):
+            v = self._new_values(l)
+            for a in range(0, len(self.values[l]), chunk): v.append(self.values[l].data[a:a+chunk].to(dtype))
+            values.append(v)
+            if kd == old_kd: keys.append(self._keys[l]); continue
+            k = Rows((self.dk,), kd)
+            for a in range(0, len(self._keys[l]), chunk): k.append(self._keys[l].data[a:a+chunk].to(kd))
+            keys.append(k)
+    except BaseException:
+        self.dtype = old_dtype; raise                    # nothing was replaced yet: the LTM is as it was
+    self.values[:], self._keys[:] = values, keys         # every layer at once
     return self
