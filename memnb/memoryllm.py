@@ -318,7 +318,7 @@ def split_text(self:MemoryLLM, text:str, # the text to write
     tok = self._tok(tokenizer, 'MemoryLLM.split_text')
     cs, mc = chunk_size or self.chunk_size, min_chunk if min_chunk is not None else self.min_chunk
     enc = lambda t: tok(t, add_special_tokens=False).input_ids
-    words = [w for w in re.split(r'(?<=\s)(?=\S)', text) if w]                  # each word keeps its trailing whitespace
+    words = [w for w in re.split(r'(?<=\S)(?=\s)', text) if w]                  # each word keeps its leading whitespace, as BPEs count it
     groups, cur, n = [], [], 0
     for w in words:
         k = len(enc(w))
@@ -463,7 +463,7 @@ def from_base(cls:MemoryLLM, base, # a LlamaForCausalLM / Qwen2ForCausalLM, or a
     if 'tokenizer' not in kwargs and not isinstance(base, PreTrainedModel): kwargs['tokenizer'] = read_tokenizer(base, 'MemoryLLM.from_base')
     return cls(lm, num_tokens=num_tokens, num_blocks=num_blocks, **kwargs)
 
-# %% ../nbs/04_memoryllm.ipynb #6101aefe
+# %% ../nbs/04_memoryllm.ipynb #24a7eb82
 _MEMLLM_FIELDS = ('num_tokens', 'num_blocks', 'num_memory_tokens', 'add_bos_embedding', 'drop_memory_per_layer', 'add_decoder_lora', 'lora_config')
 _IGNORED_FIELDS = ('shrink_to_one_embedding', 'new_memory_embedding_fullset', 'max_length', 'max_seq_length', 'tune_special_tokens', 'special_token_ids')
 
@@ -508,7 +508,7 @@ def load_official_state_dict(self:MemoryLLM, sd:dict): # name -> tensor, this mo
     "Load a state dict in this model's official layout (MemoryLLM's: `load_memoryllm_state_dict`); M+ extends it."
     self.load_memoryllm_state_dict(sd)
 
-# %% ../nbs/04_memoryllm.ipynb #aadc2e95
+# %% ../nbs/04_memoryllm.ipynb #25ffa220
 @patch(cls_method=True)
 def from_pretrained(cls:MemoryLLM, path, # a local MemoryLLM checkpoint directory (config.json + weights)
                     dtype=None, # cast weights and memory to this dtype (default: as stored)
