@@ -234,7 +234,8 @@ def recall_after_write(models:dict, # name -> MemoryLLM / MPlus, each at the mem
     import torch
     from memnb.data import fact_chunk
     enc = lambda s: torch.tensor(tok(s, add_special_tokens=False).input_ids, dtype=torch.long)
-    chunks = [fact_chunk(f, rng, chunk) for f in facts]
+    n_tokens = lambda s: len(tok(s, add_special_tokens=False).input_ids)
+    chunks = [fact_chunk(f, rng, chunk, n_tokens) for f in facts]                     # exactly `chunk` tokens each
     first = next(iter(models))
     hits, answers = {k: 0 for k in [*models, 'no memory']}, {}
     with torch.no_grad():
@@ -261,12 +262,12 @@ def tiny_recall(n_facts:int=3, # facts written and asked back, one at a time
     import random, torch
     from memnb import tiny
     from memnb.data import random_fact, filler
-    tok = tiny.tokenizer()
+    tok = tiny.tokenizer(path)
     models = {'MemoryLLM': tiny.load_tiny('memoryllm', path, seed=seed), 'M+': tiny.load_tiny('mplus', path, seed=seed)}
     rng = random.Random(seed)
     with torch.no_grad():
         for _ in range(prefill):
-            text = tiny.encode(filler(rng, tiny.CHUNK), tok)
+            text = tiny.encode(filler(rng, tiny.CHUNK, tiny.measure(tok)), tok)
             for m in models.values(): m.update_memory(m.write_delta(text))
     facts = [random_fact(rng, 'eval', 'passcode') for _ in range(n_facts)]   # held-out names and codes
     return dict(recall_after_write(models, tok, facts, tiny.CHUNK, rng, max_new_tokens), n=n_facts, codes=[f.answer for f in facts])

@@ -26,7 +26,7 @@ assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch 
 def untrained(tmp_path_factory):
     "A tiny model that was never trained: it cannot recall, so every recall check must fail on it."
     d = tmp_path_factory.mktemp('untrained')
-    tiny.save_tiny(tiny.build_tiny(seed=0, num_hidden_layers=1), d, command='untrained (test)')
+    tiny.save_tiny(tiny.build_tiny(seed=0, num_hidden_layers=1), d, tiny.train_tokenizer(), command='untrained (test)')
     return d
 
 def test_out_is_an_existing_file(tmp_path, capsys):

@@ -6,8 +6,10 @@ from memnb import tiny
 def test_train_tiny_smoke(tmp_path):
     out = run_experiment('train_tiny', dict(steps=3, episodes=2, minutes=1.0), out_dir=tmp_path, html=False, progress=False)
     man = tiny.check_manifest(out)   # weights + manifest written, hashes consistent
-    assert {'config.json', 'model.safetensors'} <= set(man['files'])
-    m = tiny.load_tiny('mplus', out); assert m.N == tiny.NUM_TOKENS * tiny.STM_BLOCKS
+    assert set(man['files']) == {'config.json', 'model.safetensors', 'tokenizer.json'}
+    m = tiny.load_tiny('mplus', out); assert m.N == tiny.NUM_TOKENS * tiny.STM_BLOCKS and len(m.tokenizer) == m.lm.config.vocab_size
+    checks = man['info']['held_out_checks']                                          # held-out recall logged before each phase and at the end
+    assert len(checks) >= 2 and all(0 <= c[k] <= 1 for c in checks for k in ('bare', 'in_context', 'memory'))
     h = json.loads((out/'history.json').read_text())   # the in-context warm-up and the memory phases both ran
     assert {x['in_context'] for x in h} == {0.0, 1.0} and all(x['answer'] == x['answer'] for x in h)
 

@@ -17,7 +17,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 def _small_run(d):
     model, recall = '', True
     if not tiny.has_weights():   # an untrained stand-in when no weights are committed (it cannot pass the recall check)
-        tiny.save_tiny(tiny.build_tiny(seed=0), d/'tiny', command='untrained (test)')
+        tiny.save_tiny(tiny.build_tiny(seed=0), d/'tiny', tiny.train_tokenizer(), command='untrained (test)')
         model, recall = str(d/'tiny'), False
     run_experiment('retention', dict(n_facts=3, episodes=1, prefill_seeds=[0], distances=[0, 1, 24, 48], prefill=1, model=model, require_recall=recall),
                    out_dir=d/'run', progress=False)

@@ -12,7 +12,7 @@ def model_dir(tmp_path_factory):
     "The embedded weights when committed; else an untrained tiny model saved with a manifest (the notebook must work with either)."
     if tiny.has_weights(): return ''
     d = tmp_path_factory.mktemp('tiny')
-    tiny.save_tiny(tiny.build_tiny(seed=0), d, command='untrained (test)')
+    tiny.save_tiny(tiny.build_tiny(seed=0), d, tiny.train_tokenizer(), command='untrained (test)')
     return str(d)
 
 @pytest.fixture(scope='module')
@@ -24,15 +24,16 @@ def small_run(tmp_path_factory, model_dir):
 def test_retention_small(small_run, model_dir):
     out, r = small_run
     assert {'model', 'K', 'N', 'distances', 'results', 'survival', 'seconds'} <= set(r)
-    K = json.loads(((Path(model_dir) if model_dir else tiny.TINY_DIR)/'config.json').read_text())['num_tokens']
-    assert r['distances'] == [0, 1, 2] and (r['K'], r['N']) == (K, 256) and r['protocol'] == 'recall'
+    cfg = json.loads(((Path(model_dir) if model_dir else tiny.TINY_DIR)/'config.json').read_text())
+    K, N = cfg['num_tokens'], cfg['num_tokens'] * (cfg['num_blocks'] - cfg['num_ltm_blocks'])
+    assert r['distances'] == [0, 1, 2] and (r['K'], r['N']) == (K, N) == (tiny.NUM_TOKENS, 128) and r['protocol'] == 'recall'
     assert set(r['results']) == {'MemoryLLM', 'M+', 'no memory'}
     for name, per_t in r['results'].items():
         assert set(per_t) == {'0', '1', '2'}, name
         for t, v in per_t.items():
             assert v['n'] == 3 and 0 <= v['hits'] <= 3 and v['acc'] == v['hits'] / 3
             assert 0 <= v['ci'][0] <= v['acc'] <= v['ci'][1] <= 1
-    assert r['survival']['1'] == pytest.approx(1 - K / 256)
+    assert r['survival']['1'] == pytest.approx(1 - K / N)
     for name in ('MemoryLLM', 'M+'):   # the wrong-name control: one never-written name per episode, per phrasing
         assert all(v['n'] == 2 and 0 <= v['acc'] <= 1 for v in r['false_recall'][name].values()), r['false_recall']
         assert set(r['by_phrasing'][name]) == {'cloze', 'natural'}
@@ -50,8 +51,8 @@ def test_retention_recalls_right_after_writing(small_run, model_dir):
 def test_embedded_weights_hash(tmp_path):
     if not tiny.has_weights(): pytest.skip('no trained weights committed under memnb/assets/tiny')
     man = tiny.check_manifest(tiny.TINY_DIR)
-    assert set(man['files']) == {'config.json', 'model.safetensors'} and man['command'].startswith('memnb run train_tiny')
-    m = tiny.load_tiny('memoryllm'); assert m.N == 256 and m.num_tokens == tiny.NUM_TOKENS
+    assert set(man['files']) == {'config.json', 'model.safetensors', 'tokenizer.json'} and man['command'].startswith('memnb run train_tiny')
+    m = tiny.load_tiny('memoryllm'); assert m.N == 128 and m.num_tokens == tiny.NUM_TOKENS
     bad = tmp_path/'tiny'; shutil.copytree(tiny.TINY_DIR, bad)
     raw = bytearray((bad/'model.safetensors').read_bytes()); raw[len(raw) // 2] ^= 0xFF; (bad/'model.safetensors').write_bytes(bytes(raw))
     with pytest.raises(ValueError, match='SHA-256 mismatch'): tiny.load_tiny('mplus', bad)
@@ -86,7 +87,7 @@ def test_distractor_share_is_checked(tmp_path):
 def untrained(tmp_path_factory):
     "A tiny model that was never trained: it writes into memory but cannot recall, like a broken generation path."
     d = tmp_path_factory.mktemp('untrained')
-    tiny.save_tiny(tiny.build_tiny(seed=0, num_hidden_layers=1), d, command='untrained (test)')
+    tiny.save_tiny(tiny.build_tiny(seed=0, num_hidden_layers=1), d, tiny.train_tokenizer(), command='untrained (test)')
     return str(d)
 
 def test_no_recall_at_t0_stops_the_run(untrained, tmp_path, capsys):
