@@ -127,6 +127,9 @@ def test_recall_among_four_facts(tmp_path):
     judged = {t['target']: t for t in r['targets']}
     for name in ('MemoryLLM', 'M+'):
         t = judged[f'{name} at t=0 >= 90%']; assert t['met'] == (r['results'][name]['0']['acc'] >= 0.9) and t['value'] == r['results'][name]['0']['acc']
+    for name in ('MemoryLLM', 'M+'):   # the committed weights look the right fact up: above no memory and above the wrong-name rate
+        acc = r['results'][name]['0']['acc']
+        assert acc > r['results']['no memory']['0']['acc'] and acc > r['false_recall'][name]['0']['acc'], (name, r['results'], r['false_recall'])
     worst = max(r['false_recall'][n]['0']['acc'] for n in ('MemoryLLM', 'M+'))
     assert judged['wrong-name false recall <= 10% (worst memory and distance)'] == dict(target='wrong-name false recall <= 10% (worst memory and distance)', value=worst, met=worst <= 0.1)
 
