@@ -4,7 +4,7 @@ from memnb.cli import run_experiment
 from memnb import tiny
 
 def test_train_tiny_smoke(tmp_path):
-    out = run_experiment('train_tiny', dict(steps=3, episodes=2, minutes=1.0), out_dir=tmp_path, html=False, progress=False)
+    out = run_experiment('train_tiny', dict(steps=5, episodes=2, minutes=1.0, bare_max=0.2, ic_max=0.4), out_dir=tmp_path, html=False, progress=False)
     man = tiny.check_manifest(out)   # weights + manifest written, hashes consistent
     assert set(man['files']) == {'config.json', 'model.safetensors', 'tokenizer.json'}
     m = tiny.load_tiny('mplus', out); assert m.N == tiny.NUM_TOKENS * tiny.STM_BLOCKS and len(m.tokenizer) == m.lm.config.vocab_size
