@@ -233,9 +233,9 @@ def recall_after_write(models:dict, # name -> MemoryLLM / MPlus, each at the mem
     "Write each fact alone into every memory and ask `fact.question` at once; 'no memory' asks the first model without it. Returns hits and answers per name."
     import torch
     from memnb.data import fact_chunk
+    from memnb.tiny import measure
     enc = lambda s: torch.tensor(tok(s, add_special_tokens=False).input_ids, dtype=torch.long)
-    n_tokens = lambda s: len(tok(s, add_special_tokens=False).input_ids)
-    chunks = [fact_chunk(f, rng, chunk, n_tokens) for f in facts]                     # exactly `chunk` tokens each
+    chunks = [fact_chunk(f, rng, chunk, measure(tok)) for f in facts]                     # exactly `chunk` tokens each
     first = next(iter(models))
     hits, answers = {k: 0 for k in [*models, 'no memory']}, {}
     with torch.no_grad():
