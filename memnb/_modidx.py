@@ -430,6 +430,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'memnb.retriever.retrieval_weights': ('retriever.html#retrieval_weights', 'memnb/retriever.py'),
                                  'memnb.retriever.retrieve': ('retriever.html#retrieve', 'memnb/retriever.py'),
                                  'memnb.retriever.retrieve_batch': ('retriever.html#retrieve_batch', 'memnb/retriever.py'),
+                                 'memnb.retriever.retrieve_random': ('retriever.html#retrieve_random', 'memnb/retriever.py'),
                                  'memnb.retriever.retriever_loss': ('retriever.html#retriever_loss', 'memnb/retriever.py')},
             'memnb.tiny': { 'memnb.tiny._sha256': ('tiny.html#_sha256', 'memnb/tiny.py'),
                             'memnb.tiny._wrap': ('tiny.html#_wrap', 'memnb/tiny.py'),

@@ -17,7 +17,7 @@ from .memoryllm import MemoryLLM
 from .hf import register_auto, drop_auto_kwargs
 from .ltm import LTM
 from .checkpoint import read_config, tensor_shape, check_state_dict
-from .retriever import Retriever, retrieve, retrieve_batch, retrieval_weights, retriever_loss
+from .retriever import Retriever, retrieve, retrieve_batch, retrieve_random, retrieval_weights, retriever_loss
 
 # %% ../nbs/08_mplus.ipynb #fbd19522
 AGE_SEMANTICS = ('training', 'official')
@@ -47,8 +47,10 @@ class MPlus(MemoryLLM):
                  age_semantics:str='training', # 'training': STM ages advance too; 'official': the released inference file's ages
                  rope_bf16:bool=False, # round RoPE inverse frequencies to bf16 (parity with the mplus-8b checkpoint)
                  encoder_retriever:bool=False, # hold `encoder_query_proj` too (`add_encoder_retriever`; unused when reading)
+                 retrieval:str='scores', # how the R rows are picked: 'scores' (the retriever) or 'random' (the no-retriever control)
                  **kwargs): # more `MemoryLLM` arguments (add_bos_embedding, lora_config, add_decoder_lora, seed, ...)
         if age_semantics not in AGE_SEMANTICS: raise ValueError(f"MPlus: `age_semantics` must be one of {AGE_SEMANTICS}, got {age_semantics!r}")
+        if retrieval not in ('scores', 'random'): raise ValueError(f"MPlus: `retrieval` must be 'scores' or 'random', got {retrieval!r}")
         if not 0 <= num_ltm_blocks < num_blocks:
             raise ValueError(f"MPlus: need 0 <= num_ltm_blocks < num_blocks, got num_ltm_blocks={num_ltm_blocks}, num_blocks={num_blocks}")
         super().__init__(lm, num_tokens=num_tokens, num_blocks=num_blocks - num_ltm_blocks, **kwargs)
@@ -67,6 +69,7 @@ class MPlus(MemoryLLM):
         self.rope_bf16 = rope_bf16
         if rope_bf16: self.round_rope_bf16()
         self.last_retrieval = {}  # layer -> [B, R] LTM rows read by the last prefill
+        self.retrieval, self.retrieval_gen = retrieval, torch.Generator().manual_seed(0)   # the draws of retrieval='random'
 
     @property
     def ltm(self) -> LTM: return self.memory.ltm
@@ -139,7 +142,9 @@ def retrieve_rows(self:MPlus, layer_idx:int, # decoder layer
     q = self.retriever.queries(layer_idx, layer.input_layernorm(hidden))          # [B, T, dk]
     qs = q.detach().unbind(0) if query_mask is None else [q[b].detach()[query_mask[b]] for b in range(q.shape[0])]
     keys, ages = self.ltm.keys(layer_idx), self.ltm.ages(layer_idx)               # CPU, as stored: no conversion per call
-    idx = retrieve_batch(qs, keys, ages, self.k_ltm)                               # [B, R], each prompt scored on its own tokens
+    if self.retrieval == 'scores': idx = retrieve_batch(qs, keys, ages, self.k_ltm)   # [B, R], each prompt scored on its own tokens
+    elif self.retrieval == 'random': idx = torch.stack([retrieve_random(ages, self.k_ltm, self.retrieval_gen) for _ in qs])   # the control
+    else: raise ValueError(f"MPlus: `retrieval` must be 'scores' or 'random', got {self.retrieval!r}")
     self.last_retrieval[layer_idx] = idx                                          # [B, R]
     rows = self.ltm.gather(layer_idx, idx.flatten()).view(*idx.shape, self.d)
     return rows.to(hidden.device, hidden.dtype)
@@ -183,7 +188,7 @@ def clear_memory_cache(self:MPlus):
     "Forget cached prefix K/V (also refreshed automatically after writes, restores, loads and weight updates)."
     MemoryLLM.clear_memory_cache(self); self._stm_kv = None
 
-# %% ../nbs/08_mplus.ipynb #4b0a1bfd
+# %% ../nbs/08_mplus.ipynb #ee95335a
 @patch
 def as_memoryllm(self:MPlus, seed:int|None=None, # drop seed of the view's memory; default this model's
                  **kwargs, # more `MemoryLLM` arguments (chunk_size, min_chunk, attn_backend); default this model's
@@ -200,7 +205,7 @@ def as_memoryllm(self:MPlus, seed:int|None=None, # drop seed of the view's memor
     m.memory.ages, m.memory.sources, m.memory.step = mem.ages.clone(), mem.sources.clone(), mem.step
     return m.train(self.training)
 
-# %% ../nbs/08_mplus.ipynb #dbd94db7
+# %% ../nbs/08_mplus.ipynb #ac08e40f
 _MPLUS_FIELDS = ('num_ltm_blocks', 'ltm_initial_size', 'update_ltm_mode', 'update_ltm_frequency', 'decay_frequency',
                  'initial_rf_when_moving_stm_to_ltm', 'add_selector', 'selector_hidden_dim', 'num_selector_layers', 'selector_layers',
                  'map_from_hidden_states', 'detach_hidden_state', 'add_encoder_retriever', 'maintain_memory_keys')
@@ -234,7 +239,7 @@ def mplus_kwargs(cfg:dict, # the checkpoint's config.json
         if f in cfg: kw[f] = cfg[f]
     return kw
 
-# %% ../nbs/08_mplus.ipynb #ac08e40f
+# %% ../nbs/08_mplus.ipynb #2547dfe3
 @patch
 def official_state_dict(self:MPlus) -> dict:
     "MemoryLLM's official tensors (minus `initialized`) + retriever projectors + the LTM, in the mplus-8b layout."
@@ -259,7 +264,7 @@ def load_official_state_dict(self:MPlus, sd:dict): # name -> tensor, mplus-8b la
     self.memory.ltm = ltm
     self.clear_memory_cache()
 
-# %% ../nbs/08_mplus.ipynb #2547dfe3
+# %% ../nbs/08_mplus.ipynb #e16fc05e
 @patch(cls_method=True)
 def from_pretrained(cls:MPlus, path, # a local M+ checkpoint directory (config.json + weights, mplus-8b layout)
                     dtype=None, # cast weights, memory and LTM to this dtype (default: as stored)
@@ -289,7 +294,7 @@ def checkpoint_config(self:MPlus) -> dict:
 
 register_auto(MPlusConfig, MPlus)
 
-# %% ../nbs/08_mplus.ipynb #fa37c30b
+# %% ../nbs/08_mplus.ipynb #6f990266
 @patch
 def related_slots(self:MPlus, writes) -> torch.Tensor: # writes: write ids, as returned by `inject`
     "[L, N] bool: True for STM slots that came from one of `writes` (the retriever's positive labels)."
@@ -333,7 +338,7 @@ def param_groups(self:MPlus, lr:float, # learning rate of every trainable non-re
     rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
     return [dict(params=rest, lr=lr), dict(params=ret, lr=retriever_lr)]
 
-# %% ../nbs/08_mplus.ipynb #6f990266
+# %% ../nbs/08_mplus.ipynb #835ff2ad
 @patch
 def memory_retriever_loss(self:MPlus, layer_inputs:list, # each layer's input [B, T, d] (`forward(..., layer_inputs=xs)`)
                           memory:torch.Tensor, # [B, L, M, d] the memories that were read

@@ -139,3 +139,26 @@ def test_single_fact_protocol_switch(tmp_path):
                    out_dir=tmp_path, html=False, progress=False)
     r = json.loads((tmp_path/'retention.json').read_text())
     assert (r['protocol'], r['n_facts'], r['gap'], r['questions_per_point']) == ('single', 1, 0, 2)
+
+def test_retention_controls(tmp_path, model_dir):
+    "The two controls run and are recorded: prose alone after the last fact, and M+ reading random long-term rows."
+    params = dict(SMALL, model=model_dir, require_recall=False, prefill=17, distances=[0, 1], later_distractor_frac=0.0, retrieval='random')
+    out = run_experiment('retention', params, out_dir=tmp_path, html=False, progress=False)
+    r = json.loads((out/'retention.json').read_text())
+    assert (r['later_distractor_frac'], r['retrieval'], r['distractor_frac']) == (0.0, 'random', 0.5)
+    assert r['results']['M+']['1']['n'] == 3
+
+def test_retention_control_values_are_checked(tmp_path):
+    import papermill as pm
+    with pytest.raises(pm.PapermillExecutionError, match='retrieval'):
+        run_experiment('retention', dict(retrieval='newest'), out_dir=tmp_path/'a', html=False, progress=False)
+    with pytest.raises(pm.PapermillExecutionError, match='later_distractor_frac'):
+        run_experiment('retention', dict(later_distractor_frac=2.0), out_dir=tmp_path/'b', html=False, progress=False)
+
+def test_prefill_seeds_are_independent(tmp_path, model_dir):
+    "Each prefill seed starts from the loaded memory: a seed's counts do not depend on which seeds ran before it."
+    base = dict(SMALL, model=model_dir, require_recall=False, prefill=17, n_facts=2, distances=[0, 2])
+    a = json.loads((run_experiment('retention', dict(base, prefill_seeds=[0, 1]), out_dir=tmp_path/'a', html=False, progress=False)/'retention.json').read_text())
+    b = json.loads((run_experiment('retention', dict(base, prefill_seeds=[1]), out_dir=tmp_path/'b', html=False, progress=False)/'retention.json').read_text())
+    for key in ('prefilled', 'counts', 'false_recall'): assert a['per_seed'][key]['1'] == b['per_seed'][key]['1'], key
+    assert a['per_seed']['prefilled']['1']['M+']['ltm_rows'] > 0   # the prefill reached the long-term memory
