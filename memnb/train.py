@@ -130,37 +130,44 @@ def replay_drops(C:int, # chunks of the episode, written first
                  t:int, # filler writes after them
                  N:int, K:int, L:int, # pool slots, slots per write, layers
                  rng:random.Random, # the drops (per layer)
+                 later:str='random', # what a write after the episode adds: K random pool rows, or a 'run' of K adjacent ones
                 ) -> tuple: # (per layer the STM's N references, per layer the dropped references oldest first)
     "Replay C chunk writes and t filler writes on slot references with MemoryLLM's drop rule."
+    if later not in ('random', 'run'): raise ValueError(f"replay_drops: later must be 'random' or 'run', got {later!r}")
+    def after():                                                                     # the K references of one write after the episode
+        if later == 'random': return [rng.randrange(N) for _ in range(K)]
+        s = rng.randrange(N - K + 1); return list(range(s, s + K))                   # adjacent pool rows: mostly one earlier write's survivors
     stm, gone = [], []
     for l in range(L):
         refs, out = list(range(N)), []
         for w in range(C + t):
             drop = set(rng.sample(range(N), K))
             out += [r for i, r in enumerate(refs) if i in drop]
-            new = [N + w * K + k for k in range(K)] if w < C else [rng.randrange(N) for _ in range(K)]
+            new = [N + w * K + k for k in range(K)] if w < C else after()
             refs = [r for i, r in enumerate(refs) if i not in drop] + new
         stm.append(refs); gone.append(out)
     return stm, gone
 
-# %% ../nbs/05_train.ipynb #9ac6a72e
+# %% ../nbs/05_train.ipynb #436b7cae
 def retrieved_refs(gone:list, # one layer's dropped references, oldest first (`replay_drops`)
                    own:int|None, # the asked fact's chunk index in the episode (None: a never-written name)
                    N:int, K:int, R:int, # pool slots, slots per write, retrieved rows
                    rng:random.Random,
+                   hard:set|None=None, # references of rows that state someone else's fact: next in line after the asked chunk's
                   ) -> list: # R references, oldest first
     "A stand-in for M+'s retrieval in training: the asked chunk's dropped rows first in line, then other episode rows, then older ones."
     lo, hi = (N + own * K, N + own * K + K) if own is not None else (0, 0)
     keep = rng.uniform(0.6, 1.0)
     pos = [r for r in gone if lo <= r < hi and rng.random() < keep]
-    other = [r for r in gone if r >= N and not lo <= r < hi]; rng.shuffle(other)
-    rest = [r for r in gone if r < N]; rng.shuffle(rest)
-    pick = (pos + other[:rng.randint(0, len(other))] + rest)[:R]
+    near = [r for r in gone if hard is not None and r in hard and not lo <= r < hi]; rng.shuffle(near)   # hard negatives
+    other = [r for r in gone if r >= N and not lo <= r < hi and r not in near]; rng.shuffle(other)
+    rest = [r for r in gone if r < N and r not in near]; rng.shuffle(rest)
+    pick = (pos + near + other[:rng.randint(0, len(other))] + rest)[:R]
     pick += [rng.randrange(N) for _ in range(R - len(pick))]
     order = {r: i for i, r in enumerate(gone)}
     return sorted(pick, key=lambda r: order.get(r, -1))
 
-# %% ../nbs/05_train.ipynb #3095829d
+# %% ../nbs/05_train.ipynb #f4128348
 def gather_memory(bank:torch.Tensor, # [L, N + C*K, d] the pool, then the episode's Δ rows
                   refs, # per layer the M references of the memory (`replay_drops`, `retrieved_refs`)
                   own:int|None, # the asked fact's chunk (None: no slot is its)
