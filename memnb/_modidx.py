@@ -341,6 +341,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'memnb.mplus.MPlus.param_groups': ('mplus.html#mplus.param_groups', 'memnb/mplus.py'),
                              'memnb.mplus.MPlus.prefix_length': ('mplus.html#mplus.prefix_length', 'memnb/mplus.py'),
                              'memnb.mplus.MPlus.related_slots': ('mplus.html#mplus.related_slots', 'memnb/mplus.py'),
+                             'memnb.mplus.MPlus.retrieval': ('mplus.html#mplus.retrieval', 'memnb/mplus.py'),
                              'memnb.mplus.MPlus.retrieve_rows': ('mplus.html#mplus.retrieve_rows', 'memnb/mplus.py'),
                              'memnb.mplus.MPlus.round_rope_bf16': ('mplus.html#mplus.round_rope_bf16', 'memnb/mplus.py'),
                              'memnb.mplus.MPlus.slot_weights': ('mplus.html#mplus.slot_weights', 'memnb/mplus.py'),

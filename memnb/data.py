@@ -9,7 +9,7 @@ __all__ = ['SPLITS', 'RELATIONS', 'FIRST_NAMES', 'LAST_NAMES', 'CITIES', 'UNKNOW
 
 # %% ../nbs/13_data.ipynb #af1a9aaf
 import ast, random, sysconfig, functools, zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # %% ../nbs/13_data.ipynb #2036b31d
@@ -180,6 +180,7 @@ class RecallEpisode:
     fact_chunks: list    # index in `chunks` of each asked fact's chunk
     distractors: list    # facts stated in the filler chunks (never asked)
     absent: Fact         # a name never written, with answer UNKNOWN
+    distractor_chunks: list = field(default_factory=list)   # index in `chunks` of each distractor's chunk, in writing order
     @property
     def written(self) -> list: return self.facts + self.distractors
     def false_recall(self, answer:str) -> bool: # a model's answer to `absent`
@@ -198,17 +199,18 @@ def recall_episode(rng:random.Random, # source of randomness
     "One seeded episode: `gap` filler chunks then a fact chunk, `n_facts` times (the last chunk is the last fact)."
     if n_facts < 1 or gap < 0 or not 0 <= distractor_frac <= 1:
         raise ValueError(f"recall_episode: need n_facts >= 1, gap >= 0, 0 <= distractor_frac <= 1; got {n_facts}, {gap}, {distractor_frac}")
-    used, facts, distractors, chunks, where = set(), [], [], [], []
+    used, facts, distractors, chunks, where, at = set(), [], [], [], [], []
     def fresh():
         while True:
             f = random_fact(rng, split, rng.choice(relations))
             if f.name not in used and f.value not in used: used.update((f.name, f.value)); return f
     for _ in range(n_facts):
         for _ in range(gap):
-            if rng.random() < distractor_frac: d = fresh(); distractors.append(d); chunks.append(fact_chunk(d, rng, nchars, measure))
+            if rng.random() < distractor_frac:
+                d = fresh(); distractors.append(d); at.append(len(chunks)); chunks.append(fact_chunk(d, rng, nchars, measure))
             else: chunks.append(filler(rng, nchars, measure))
         f = fresh(); facts.append(f); where.append(len(chunks)); chunks.append(fact_chunk(f, rng, nchars, measure))
-    return RecallEpisode(facts, chunks, where, distractors, fresh().unknown())
+    return RecallEpisode(facts, chunks, where, distractors, fresh().unknown(), at)
 
 # %% ../nbs/13_data.ipynb #94ece1ad
 @dataclass

@@ -159,9 +159,10 @@ def retrieved_refs(gone:list, # one layer's dropped references, oldest first (`r
     lo, hi = (N + own * K, N + own * K + K) if own is not None else (0, 0)
     keep = rng.uniform(0.6, 1.0)
     pos = [r for r in gone if lo <= r < hi and rng.random() < keep]
-    near = [r for r in gone if hard is not None and r in hard and not lo <= r < hi]; rng.shuffle(near)   # hard negatives
-    other = [r for r in gone if r >= N and not lo <= r < hi and r not in near]; rng.shuffle(other)
-    rest = [r for r in gone if r < N and r not in near]; rng.shuffle(rest)
+    hard = hard or set()
+    near = [r for r in gone if r in hard and not lo <= r < hi]; rng.shuffle(near)   # hard negatives
+    other = [r for r in gone if r >= N and not lo <= r < hi and r not in hard]; rng.shuffle(other)
+    rest = [r for r in gone if r < N and r not in hard]; rng.shuffle(rest)
     pick = (pos + near + other[:rng.randint(0, len(other))] + rest)[:R]
     pick += [rng.randrange(N) for _ in range(R - len(pick))]
     order = {r: i for i, r in enumerate(gone)}
