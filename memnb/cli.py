@@ -248,7 +248,7 @@ def recall_after_write(models:dict, # name -> MemoryLLM / MPlus, each at the mem
                 out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id or 0)
                 ans = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-                hits[name] += fact.answer in ans; answers.setdefault(name, []).append(ans)
+                hits[name] += fact.recalled(ans); answers.setdefault(name, []).append(ans)
             m.restore(snap)
     return dict(hits=hits, answers=answers)
 

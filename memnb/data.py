@@ -4,11 +4,11 @@
 
 # %% auto #0
 __all__ = ['SPLITS', 'RELATIONS', 'FIRST_NAMES', 'LAST_NAMES', 'CITIES', 'UNKNOWN', 'PHRASINGS', 'split_of', 'random_name',
-           'random_code', 'random_city', 'Fact', 'random_fact', 'stdlib_prose', 'filler', 'counting', 'fact_chunk',
-           'RecallEpisode', 'recall_episode', 'Episode', 'episodes']
+           'random_code', 'random_city', 'answer_of', 'Fact', 'random_fact', 'stdlib_prose', 'filler', 'counting',
+           'fact_chunk', 'RecallEpisode', 'recall_episode', 'Episode', 'episodes']
 
 # %% ../nbs/13_data.ipynb #af1a9aaf
-import ast, random, sysconfig, functools, zlib
+import ast, random, re, sysconfig, functools, zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +60,11 @@ def random_city(rng:random.Random, split:str|None=None) -> str:
     return _draw(lambda r: r.choice(CITIES), rng, None if split is None or split in SPLITS else split)
 
 # %% ../nbs/13_data.ipynb #a1eb0b2e
+def answer_of(output:str) -> str: # text a model generated after a question
+    "The answer in a generated `output`: its first sentence (up to the first '.' or line break), stripped."
+    return re.split(r'[.\n]', output, maxsplit=1)[0].strip()
+
+# %% ../nbs/13_data.ipynb #cdf4c414
 UNKNOWN = 'unknown'   # the answer to a question about someone who was never written
 PHRASINGS = ('cloze', 'natural', 'both')
 
@@ -91,8 +96,11 @@ class Fact:
     def unknown(self) -> 'Fact':
         "The same question about this name when nothing about it was written: the answer is `UNKNOWN`."
         return Fact(self.name, UNKNOWN, self.relation)
+    def recalled(self, output:str) -> bool: # text a model generated after `ask`
+        "True when the answer in `output` (`answer_of`, its first sentence) contains this fact's value."
+        return self.value in answer_of(output)
 
-# %% ../nbs/13_data.ipynb #c53f638b
+# %% ../nbs/13_data.ipynb #f0514cf0
 def random_fact(rng:random.Random, # source of randomness
                 split:str|None=None, # 'train', 'eval' (held out) or None
                 relation:str|None=None, # 'passcode', 'city', or None for either at random
@@ -103,7 +111,7 @@ def random_fact(rng:random.Random, # source of randomness
     name = random_name(rng, split)
     return Fact(name, random_code(rng, split) if rel == 'passcode' else random_city(rng, split), rel)
 
-# %% ../nbs/13_data.ipynb #f0514cf0
+# %% ../nbs/13_data.ipynb #54329ed4
 @functools.cache
 def stdlib_prose(min_len:int=80) -> tuple[str, ...]:
     "Docstrings (≥ `min_len` chars, whitespace-normalised) of the top-level modules of this Python's standard library, in file order."
@@ -117,7 +125,7 @@ def stdlib_prose(min_len:int=80) -> tuple[str, ...]:
                 if d and len(d) >= min_len and d.isascii(): out.append(' '.join(d.split()))
     return tuple(out)
 
-# %% ../nbs/13_data.ipynb #54329ed4
+# %% ../nbs/13_data.ipynb #2d335efb
 def _words(rng:random.Random, nchars:int, measure=len) -> list:
     "Whole words of standard-library prose from a random docstring, at most `nchars` long (by `measure`) joined by spaces."
     prose = stdlib_prose(); i = rng.randrange(len(prose))
@@ -149,7 +157,7 @@ def filler(rng:random.Random, # source of randomness
     "Exactly `nchars` characters (or `measure` units) of standard-library prose, whole words only (spaces in front make up the length)."
     return _fit([], [], _words(rng, nchars, measure), nchars, measure)
 
-# %% ../nbs/13_data.ipynb #51c011f3
+# %% ../nbs/13_data.ipynb #865f3392
 def counting(rng:random.Random, # source of randomness
              nchars:int, # length of the returned text
             ) -> str:
@@ -158,7 +166,7 @@ def counting(rng:random.Random, # source of randomness
     while len(s) < nchars: s += f'{n % 10000:04d} '; n += 1
     return s[:nchars]
 
-# %% ../nbs/13_data.ipynb #865f3392
+# %% ../nbs/13_data.ipynb #18389bf2
 def fact_chunk(fact:Fact, # the fact to embed
                rng:random.Random,
                nchars:int=128, # chunk length, by `measure`
@@ -171,7 +179,7 @@ def fact_chunk(fact:Fact, # the fact to embed
     post = _words(rng, room - (measure(' '.join(pre)) + 1 if pre else 0) - 1, measure)   # a space, then words after
     return _fit(pre, [fact.statement], post, nchars, measure)                    # only a measure other than `len` can overshoot
 
-# %% ../nbs/13_data.ipynb #18389bf2
+# %% ../nbs/13_data.ipynb #11952bef
 @dataclass
 class RecallEpisode:
     "Write `chunks` in order, then ask each of `facts` and `absent`; `distractors` are the other facts the chunks state."
@@ -183,9 +191,9 @@ class RecallEpisode:
     distractor_chunks: list = field(default_factory=list)   # index in `chunks` of each distractor's chunk, in writing order
     @property
     def written(self) -> list: return self.facts + self.distractors
-    def false_recall(self, answer:str) -> bool: # a model's answer to `absent`
-        "True when the answer about the never-written name contains a value that was written."
-        return any(f.value in answer for f in self.written)
+    def false_recall(self, output:str) -> bool: # text a model generated after `absent`'s question
+        "True when the answer in `output` (`answer_of`) about the never-written name contains a value that was written."
+        return any(f.value in answer_of(output) for f in self.written)
 
 def recall_episode(rng:random.Random, # source of randomness
                    n_facts:int=4, # asked facts, each in its own chunk
@@ -212,7 +220,7 @@ def recall_episode(rng:random.Random, # source of randomness
         f = fresh(); facts.append(f); where.append(len(chunks)); chunks.append(fact_chunk(f, rng, nchars, measure))
     return RecallEpisode(facts, chunks, where, distractors, fresh().unknown(), at)
 
-# %% ../nbs/13_data.ipynb #94ece1ad
+# %% ../nbs/13_data.ipynb #22b0822e
 @dataclass
 class Episode:
     "Write `context`, then the `distractors` in order, then ask `fact.question`; correct if `fact.answer` comes out."

@@ -37,6 +37,9 @@ def test_retention_small(small_run, model_dir):
     for name in ('MemoryLLM', 'M+'):   # the wrong-name control: one never-written name per episode, per phrasing
         assert all(v['n'] == 2 and 0 <= v['acc'] <= 1 for v in r['false_recall'][name].values()), r['false_recall']
         assert set(r['by_phrasing'][name]) == {'cloze', 'natural'}
+    for name, per_t in r['false_recall'].items():   # only the answer counts; a written value anywhere in the output is the wider count
+        for t, v in per_t.items():
+            w = r['false_recall_anywhere'][name][t]; assert w['n'] == v['n'] and w['hits'] >= v['hits'], (name, t, v, w)
     assert r['per_seed']['counts']['0']['M+']['0']['cloze'] == [r['results']['M+']['0']['hits'], 3]
     assert (out/'retention.png').stat().st_size > 1000 and (out/'retention.ipynb').exists()
 
