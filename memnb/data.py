@@ -193,7 +193,8 @@ class RecallEpisode:
     def written(self) -> list: return self.facts + self.distractors
     def false_recall(self, output:str) -> bool: # text a model generated after `absent`'s question
         "True when the answer in `output` (`answer_of`) about the never-written name contains a value that was written."
-        return any(f.value in answer_of(output) for f in self.written)
+        answer = answer_of(output)
+        return any(f.value in answer for f in self.written)
 
 def recall_episode(rng:random.Random, # source of randomness
                    n_facts:int=4, # asked facts, each in its own chunk
