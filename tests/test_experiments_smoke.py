@@ -30,14 +30,14 @@ def test_lookup_probe_smoke(tmp_path):
         assert [h['phase'] for h in r['history']].count('memory') == 4 and (out/'probe.png').stat().st_size > 1000
 
 def test_train_tiny_continues(tmp_path):
-    "Going on from saved weights: memory stage only, the M+ layout with hard negatives, and the run it went on from named by its file hashes."
+    "Going on from saved weights: memory stage only, the M+ layout with hard negatives and lures, and the run it went on from named by its file hashes."
     out = run_experiment('train_tiny', dict(init=str(tiny.TINY_DIR), steps=4, episodes=2, minutes=1.0, phase1=0.0, ramp=0.05, ic_mix=0.0,
-                                            mplus_share=1.0, hard_negatives=True, later='run', unknown_weight=2.0, pool_distractor_frac=1.0),
+                                            mplus_share=1.0, hard_negatives=True, later='run', unknown_weight=2.0, pool_distractor_frac=1.0, unknown_lure=1.0),
                          out_dir=tmp_path, html=False, progress=False)
     man, base = tiny.check_manifest(out), tiny.check_manifest(tiny.TINY_DIR)
     assert man['info']['init']['files'] == base['files'] and man['info']['init']['command'] == base['command']
     assert man['info']['stages'] == [dict(stage=2, step=0, share=0.0, init=str(tiny.TINY_DIR))] and man['info']['steps'] == 4
-    assert '-p hard_negatives True' in man['command'] and f'-p init {tiny.TINY_DIR}' in man['command']
+    assert '-p hard_negatives True' in man['command'] and '-p unknown_lure 1.0' in man['command'] and f'-p init {tiny.TINY_DIR}' in man['command']
     h = json.loads((out/'history.json').read_text())
     assert [x['mplus'] for x in h] == [1.0] * 4 and all(x['answer'] == x['answer'] and x['retriever'] > 0 for x in h)
 

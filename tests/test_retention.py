@@ -127,6 +127,9 @@ def test_recall_among_four_facts(tmp_path):
             per = [r['per_seed']['counts'][s][name]['0'][p] for s in ('0', '1', '2')]
             assert [sum(x[0] for x in per), sum(x[1] for x in per)] == [r['by_phrasing'][name][p]['0']['hits'], 24]
         assert r['false_recall'][name]['0']['n'] == 12
+        by_rel = r['false_recall_by_relation'][name]   # split by the relation asked, the same questions
+        assert set(by_rel) == {'passcode', 'city'}
+        assert [sum(by_rel[rel]['0'][k] for rel in by_rel) for k in ('hits', 'n')] == [r['false_recall'][name]['0'][k] for k in ('hits', 'n')]
     judged = {t['target']: t for t in r['targets']}
     for name in ('MemoryLLM', 'M+'):
         t = judged[f'{name} at t=0 >= 90%']; assert t['met'] == (r['results'][name]['0']['acc'] >= 0.9) and t['value'] == r['results'][name]['0']['acc']
