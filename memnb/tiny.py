@@ -29,14 +29,28 @@ SPECIALS = ('<pad>', '</s>', '<unk>')   # ids 0, 1, 2
 def _wrap(tk:Tokenizer) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token=SPECIALS[0], eos_token=SPECIALS[1], unk_token=SPECIALS[2])
 
-# %% ../nbs/15_tiny.ipynb #d8d5ee2d
+# %% ../nbs/15_tiny.ipynb #69c13691
+def _add_digit_pairs(spec:dict): # a trained BPE's JSON, changed in place
+    "Give every digit pair 'XY' and '▁XY' its own token and a merge path to it, whatever the BPE learned."
+    vocab, merges = spec['model']['vocab'], spec['model']['merges']
+    have = {tuple(m) for m in merges}
+    def merge(a, b):
+        if a + b not in vocab: vocab[a + b] = len(vocab)
+        if (a, b) not in have: merges.append([a, b]); have.add((a, b))
+    for x in '0123456789':
+        merge('▁', x)
+        for y in '0123456789': merge(x, y); merge('▁' + x, y); merge('▁', x + y)   # either merge order ends on '▁XY'
+
+# %% ../nbs/15_tiny.ipynb #23c9bbaf
 def train_tokenizer(vocab_size:int=2048, # BPE vocabulary before the 256 byte-fallback tokens
                     n_facts:int=20_000, # synthetic facts in the training text
-                    seed:int=0): # seeds the synthetic facts
+                    seed:int=0, # seeds the synthetic facts
+                    digits:int=1): # digits per number token: 1 ('▁0', '4', '2', '7') or 2 ('▁04', '27')
     "Train the tiny model's tokenizer on Python's docstrings and synthetic facts (training split); deterministic for a given Python."
+    if digits not in (1, 2): raise ValueError(f"train_tokenizer: `digits` must be 1 or 2, got {digits!r}")
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(replacement='▁', prepend_scheme='never'),
-                                                pre_tokenizers.Split(Regex('▁?[0-9]'), behavior='isolated'),   # one digit per token
+                                                pre_tokenizers.Split(Regex('▁?[0-9]' + '{1,2}' * (digits == 2)), behavior='isolated'),   # a number in groups of `digits`
                                                 pre_tokenizers.Punctuation()])
     tk.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(replacement='▁', prepend_scheme='never')])
     rng, text = random.Random(seed), []
@@ -46,7 +60,9 @@ def train_tokenizer(vocab_size:int=2048, # BPE vocabulary before the 256 byte-fa
     tk.train_from_iterator(list(stdlib_prose()) + text, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
                                                                              min_frequency=2, show_progress=False))
     spec = json.loads(tk.to_str())                                                # add the byte-fallback tokens after the BPE vocabulary
-    vocab = spec['model']['vocab']; n = len(vocab)
+    vocab = spec['model']['vocab']
+    if digits == 2: _add_digit_pairs(spec)
+    n = len(vocab)
     vocab.update({f'<0x{i:02X}>': n + i for i in range(256)}); spec['model']['byte_fallback'] = True
     return _wrap(Tokenizer.from_str(json.dumps(spec)))
 
@@ -56,7 +72,7 @@ def tokenizer(path=None) -> PreTrainedTokenizerFast:
     if not f.is_file(): raise ValueError(f"tiny model: no tokenizer.json in {f.parent}; run `memnb run train_tiny` (or `train_tokenizer()`)")
     return _wrap(Tokenizer.from_file(str(f)))
 
-# %% ../nbs/15_tiny.ipynb #23c9bbaf
+# %% ../nbs/15_tiny.ipynb #ee1e0287
 def encode(text:str, tok=None) -> torch.Tensor:
     "Token ids [T] of `text` without special tokens."
     return torch.tensor((tok or tokenizer())(text, add_special_tokens=False).input_ids, dtype=torch.long)
@@ -66,7 +82,7 @@ def measure(tok) -> callable:
     def n_tokens(text:str) -> int: return len(tok(text, add_special_tokens=False).input_ids)
     return n_tokens
 
-# %% ../nbs/15_tiny.ipynb #ee1e0287
+# %% ../nbs/15_tiny.ipynb #23185028
 def tiny_config(**kw) -> LlamaConfig:
     "The tiny base model's Llama config: d=128, 4 layers, 4 heads, intermediate 512, vocab 2,304, untied embeddings."
     c = dict(vocab_size=2048 + 256, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -86,7 +102,7 @@ def build_tiny(seed:int=0, # seeds the initial weights
                  retriever_hidden=128, retriever_dim=64, ltm_policy='cap', ltm_cap=1 << 20, update_ltm_frequency=1,
                  chunk_size=CHUNK, seed=seed)
 
-# %% ../nbs/15_tiny.ipynb #23185028
+# %% ../nbs/15_tiny.ipynb #f53911ff
 def _sha256(p:Path) -> str:
     h = hashlib.sha256()
     with open(p, 'rb') as f:
@@ -118,7 +134,7 @@ def check_manifest(path) -> dict:
         if got != want: raise ValueError(f"tiny model: SHA-256 mismatch for {path/f}: expected {want}, got {got} (corrupted or modified weights)")
     return man
 
-# %% ../nbs/15_tiny.ipynb #ec8e28d9
+# %% ../nbs/15_tiny.ipynb #2381bf9f
 def has_weights(path=None) -> bool:
     "True when trained tiny weights (with a manifest) exist at `path` (default: the packaged ones)."
     p = Path(path or TINY_DIR)

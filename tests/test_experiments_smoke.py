@@ -4,10 +4,12 @@ from memnb.cli import run_experiment
 from memnb import tiny
 
 def test_train_tiny_smoke(tmp_path):
-    out = run_experiment('train_tiny', dict(steps=5, episodes=2, minutes=1.0, bare_max=0.2, ic_max=0.4), out_dir=tmp_path, html=False, progress=False)
+    "From scratch with a two-digit tokenizer: every stage runs, and the weights, tokenizer and manifest are saved."
+    out = run_experiment('train_tiny', dict(steps=5, episodes=2, minutes=1.0, bare_max=0.2, ic_max=0.4, digits=2), out_dir=tmp_path, html=False, progress=False)
     man = tiny.check_manifest(out)   # weights + manifest written, hashes consistent
     assert set(man['files']) == {'config.json', 'model.safetensors', 'tokenizer.json'}
     m = tiny.load_tiny('mplus', out); assert m.N == tiny.NUM_TOKENS * tiny.STM_BLOCKS and len(m.tokenizer) == m.lm.config.vocab_size
+    assert m.tokenizer.convert_ids_to_tokens(tiny.encode(' 0427', m.tokenizer).tolist()) == ['▁04', '27']   # `digits=2`: the tokenizer saved is the one trained with
     checks = man['info']['held_out_checks']                                          # held-out recall logged before each phase and at the end
     assert len(checks) >= 2 and all(0 <= c[k] <= 1 for c in checks for k in ('bare', 'in_context', 'memory'))
     h = json.loads((out/'history.json').read_text())   # the in-context warm-up and the memory phases both ran
@@ -42,7 +44,9 @@ def test_train_tiny_continues(tmp_path):
     assert [x['mplus'] for x in h] == [1.0] * 4 and all(x['answer'] == x['answer'] and x['retriever'] > 0 for x in h)
 
 def test_train_tiny_bad_init(tmp_path):
-    "An init folder without saved weights stops before training, naming the parameter."
+    "An init folder without saved weights, or with a tokenizer that groups digits otherwise, stops before training, naming the parameter."
     import pytest
     with pytest.raises(Exception, match="is not a folder of weights saved by train_tiny"):
         run_experiment('train_tiny', dict(init=str(tmp_path/'nothing'), steps=2), out_dir=tmp_path/'out', html=False, progress=False)
+    with pytest.raises(Exception, match="digits=2 but init=.*splits ' 0427' into 4 tokens"):   # the init's tokenizer groups digits one by one
+        run_experiment('train_tiny', dict(init=str(tiny.TINY_DIR), digits=2, steps=2), out_dir=tmp_path/'out2', html=False, progress=False)
