@@ -8,6 +8,7 @@ def test_train_tiny_smoke(tmp_path):
     out = run_experiment('train_tiny', dict(steps=5, episodes=2, minutes=1.0, bare_max=0.2, ic_max=0.4, digits=2), out_dir=tmp_path, html=False, progress=False)
     man = tiny.check_manifest(out)   # weights + manifest written, hashes consistent
     assert set(man['files']) == {'config.json', 'model.safetensors', 'tokenizer.json'}
+    assert '-p digits 2' in man['command']   # the manifest's command reproduces the tokenizer too
     m = tiny.load_tiny('mplus', out); assert m.N == tiny.NUM_TOKENS * tiny.STM_BLOCKS and len(m.tokenizer) == m.lm.config.vocab_size
     assert m.tokenizer.convert_ids_to_tokens(tiny.encode(' 0427', m.tokenizer).tolist()) == ['▁04', '27']   # `digits=2`: the tokenizer saved is the one trained with
     checks = man['info']['held_out_checks']                                          # held-out recall logged before each phase and at the end
