@@ -446,6 +446,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'memnb.tiny.measure': ('tiny.html#measure', 'memnb/tiny.py'),
                             'memnb.tiny.save_tiny': ('tiny.html#save_tiny', 'memnb/tiny.py'),
                             'memnb.tiny.tiny_config': ('tiny.html#tiny_config', 'memnb/tiny.py'),
+                            'memnb.tiny.token_ids': ('tiny.html#token_ids', 'memnb/tiny.py'),
                             'memnb.tiny.tokenizer': ('tiny.html#tokenizer', 'memnb/tiny.py'),
                             'memnb.tiny.train_tokenizer': ('tiny.html#train_tokenizer', 'memnb/tiny.py')},
             'memnb.train': { 'memnb.train.gather_memory': ('train.html#gather_memory', 'memnb/train.py'),

@@ -130,17 +130,21 @@ def _words(rng:random.Random, nchars:int, measure=len) -> list:
     "Whole words of standard-library prose from a random docstring, at most `nchars` long (by `measure`) joined by spaces."
     prose = stdlib_prose(); i = rng.randrange(len(prose))
     ws = prose[i].split()[rng.randrange(8):] + prose[(i + 1) % len(prose)].split()
-    out = []
-    for w in ws:
-        if measure(' '.join(out + [w])) > nchars: break
-        out.append(w)
-    return out
+    fits = lambda j: measure(' '.join(ws[:j])) <= nchars                          # j words fit; never shrinks as j grows
+    lo, hi = 0, 1                                                                # lo words fit; find the first hi that does not
+    while hi <= len(ws) and fits(hi): lo, hi = hi, 2 * hi
+    hi = min(hi, len(ws) + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid): lo = mid
+        else: hi = mid
+    return ws[:lo]
 
 def _pad(text:str, nchars:int, measure=len) -> str|None:
     "`text` with spaces in front until it is exactly `nchars` long by `measure` (left: the chunk ends in text); None if it cannot be."
     if measure is len: return ' ' * (nchars - len(text)) + text if len(text) <= nchars else None
-    while measure(text) < nchars: text = ' ' + text
-    return text if measure(text) == nchars else None     # a space can merge with the next word and change its split
+    while (n := measure(text)) < nchars: text = ' ' * (nchars - n) + text     # one space is one unit, or less when it merges
+    return text if n == nchars else None                  # a space can merge with the next word and change its split
 
 def _fit(pre:list, core:list, post:list, nchars:int, measure) -> str:
     "Words `pre + core + post` joined and padded to exactly `nchars`, dropping words of `post` (then `pre`) until they fit."
@@ -157,7 +161,7 @@ def filler(rng:random.Random, # source of randomness
     "Exactly `nchars` characters (or `measure` units) of standard-library prose, whole words only (spaces in front make up the length)."
     return _fit([], [], _words(rng, nchars, measure), nchars, measure)
 
-# %% ../nbs/13_data.ipynb #865f3392
+# %% ../nbs/13_data.ipynb #5327046a
 def counting(rng:random.Random, # source of randomness
              nchars:int, # length of the returned text
             ) -> str:
@@ -166,7 +170,7 @@ def counting(rng:random.Random, # source of randomness
     while len(s) < nchars: s += f'{n % 10000:04d} '; n += 1
     return s[:nchars]
 
-# %% ../nbs/13_data.ipynb #18389bf2
+# %% ../nbs/13_data.ipynb #720a0693
 def fact_chunk(fact:Fact, # the fact to embed
                rng:random.Random,
                nchars:int=128, # chunk length, by `measure`
@@ -179,7 +183,7 @@ def fact_chunk(fact:Fact, # the fact to embed
     post = _words(rng, room - (measure(' '.join(pre)) + 1 if pre else 0) - 1, measure)   # a space, then words after
     return _fit(pre, [fact.statement], post, nchars, measure)                    # only a measure other than `len` can overshoot
 
-# %% ../nbs/13_data.ipynb #11952bef
+# %% ../nbs/13_data.ipynb #af317593
 @dataclass
 class RecallEpisode:
     "Write `chunks` in order, then ask each of `facts` and `absent`; `distractors` are the other facts the chunks state."
@@ -221,7 +225,7 @@ def recall_episode(rng:random.Random, # source of randomness
         f = fresh(); facts.append(f); where.append(len(chunks)); chunks.append(fact_chunk(f, rng, nchars, measure))
     return RecallEpisode(facts, chunks, where, distractors, fresh().unknown(), at)
 
-# %% ../nbs/13_data.ipynb #22b0822e
+# %% ../nbs/13_data.ipynb #dd3e993e
 @dataclass
 class Episode:
     "Write `context`, then the `distractors` in order, then ask `fact.question`; correct if `fact.answer` comes out."

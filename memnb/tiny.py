@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['TINY_DIR', 'CHUNK', 'NUM_TOKENS', 'STM_BLOCKS', 'LTM_BLOCKS', 'SPECIALS', 'train_tokenizer', 'tokenizer', 'encode',
-           'measure', 'tiny_config', 'build_tiny', 'save_tiny', 'check_manifest', 'has_weights', 'load_tiny']
+           'token_ids', 'measure', 'tiny_config', 'build_tiny', 'save_tiny', 'check_manifest', 'has_weights',
+           'load_tiny']
 
 # %% ../nbs/15_tiny.ipynb #0099b573
 import json, hashlib, random
@@ -77,12 +78,20 @@ def encode(text:str, tok=None) -> torch.Tensor:
     "Token ids [T] of `text` without special tokens."
     return torch.tensor((tok or tokenizer())(text, add_special_tokens=False).input_ids, dtype=torch.long)
 
+def token_ids(tok) -> callable:
+    "A function from a text to its token ids in `tok`, without special tokens; through the Rust tokenizer itself when `tok` has one."
+    bt = getattr(tok, 'backend_tokenizer', None)
+    if bt is None or bt.truncation is not None or bt.padding is not None:      # a slow tokenizer, or settings only the wrapper undoes
+        return lambda text: tok(text, add_special_tokens=False).input_ids
+    return lambda text: bt.encode(text, add_special_tokens=False).ids
+
 def measure(tok) -> callable:
     "The length of a text in `tok`'s tokens: pass it to `memnb.data`'s `measure=` to make chunks of exactly `CHUNK` tokens."
-    def n_tokens(text:str) -> int: return len(tok(text, add_special_tokens=False).input_ids)
+    ids = token_ids(tok)
+    def n_tokens(text:str) -> int: return len(ids(text))
     return n_tokens
 
-# %% ../nbs/15_tiny.ipynb #23185028
+# %% ../nbs/15_tiny.ipynb #0ddbc2dc
 def tiny_config(**kw) -> LlamaConfig:
     "The tiny base model's Llama config: d=128, 4 layers, 4 heads, intermediate 512, vocab 2,304, untied embeddings."
     c = dict(vocab_size=2048 + 256, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -102,7 +111,7 @@ def build_tiny(seed:int=0, # seeds the initial weights
                  retriever_hidden=128, retriever_dim=64, ltm_policy='cap', ltm_cap=1 << 20, update_ltm_frequency=1,
                  chunk_size=CHUNK, seed=seed)
 
-# %% ../nbs/15_tiny.ipynb #f53911ff
+# %% ../nbs/15_tiny.ipynb #c2d3ab02
 def _sha256(p:Path) -> str:
     h = hashlib.sha256()
     with open(p, 'rb') as f:
@@ -134,7 +143,7 @@ def check_manifest(path) -> dict:
         if got != want: raise ValueError(f"tiny model: SHA-256 mismatch for {path/f}: expected {want}, got {got} (corrupted or modified weights)")
     return man
 
-# %% ../nbs/15_tiny.ipynb #2381bf9f
+# %% ../nbs/15_tiny.ipynb #a67c4b67
 def has_weights(path=None) -> bool:
     "True when trained tiny weights (with a manifest) exist at `path` (default: the packaged ones)."
     p = Path(path or TINY_DIR)

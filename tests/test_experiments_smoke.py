@@ -44,6 +44,18 @@ def test_train_tiny_continues(tmp_path):
     h = json.loads((out/'history.json').read_text())
     assert [x['mplus'] for x in h] == [1.0] * 4 and all(x['answer'] == x['answer'] and x['retriever'] > 0 for x in h)
 
+def test_train_tiny_ema(tmp_path):
+    "With `ema`, the folder gets the weights' moving average and its sibling '-last' the last weights, each named so in its manifest."
+    from safetensors.torch import load_file
+    out = run_experiment('train_tiny', dict(init=str(tiny.TINY_DIR), steps=4, episodes=2, minutes=1.0, ema=0.5), out_dir=tmp_path/'run', html=False, progress=False)
+    last = tmp_path/'run-last'
+    ma, ml = tiny.check_manifest(out), tiny.check_manifest(last)
+    assert (ma['info']['weights'], ml['info']['weights']) == ('ema', 'last') and '-p ema 0.5' in ma['command'] == ml['command']
+    a, l, w0 = (load_file(f/'model.safetensors') for f in (out, last, tiny.TINY_DIR))
+    k = 'lm.model.layers.0.mlp.up_proj.weight' if 'lm.model.layers.0.mlp.up_proj.weight' in a else next(k for k in a if 'up_proj' in k)
+    da, dl = (a[k] - w0[k]).norm(), (l[k] - w0[k]).norm()
+    assert 0 < da < dl, (da, dl)   # the average moved from the start, and less far than the last step's weights
+
 def test_train_tiny_bad_init(tmp_path):
     "An init folder without saved weights, or with a tokenizer that groups digits otherwise, stops before training, naming the parameter."
     import pytest
