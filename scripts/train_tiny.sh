@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 out="$(realpath -m "${1:-runs/tiny_retrain}")"
-memnb run train_tiny -o "$out/base" --no-html -p minutes 58
+memnb run train_tiny -o "$out/base" --no-html -p minutes 58 -p ema 0.999
 memnb run train_tiny -o "$out/final" --no-html -p init "$out/base" -p steps 8000 -p minutes 31 -p lr 0.001 -p phase1 0.1 -p ramp 0.05 \
-  -p unknown_weight 2 -p pool_distractor_frac 0.5
+  -p unknown_weight 2 -p pool_distractor_frac 0.5 -p ema 0.999
 echo "weights: $out/final (the shipped ones: memnb/assets/tiny/manifest.json)"
